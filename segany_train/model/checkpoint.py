@@ -1,0 +1,133 @@
+"""Loading SAM weights: official checkpoints, wrapped or prefixed ones, and other image sizes."""
+
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segany_train.model.sam_config import SamConfig, describe_size
+from segany_train.model.vit_attention import resize_relative_position_table
+
+SAM_MODULES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+class SamCheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model it was given to."""
+
+
+def read_state_dict(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The SAM weights of a checkpoint file or dict, unwrapped and without prefixes.
+
+    Accepts a bare state dict (official `.pth`), `{"model": sd}`, `{"state_dict": sd}` (Lightning; keys
+    of non-SAM submodules are dropped), and keys prefixed by `module.` (DDP) or a submodule name.
+    """
+    source = checkpoint if isinstance(checkpoint, dict) else _load_file(Path(checkpoint))
+    for wrapper in ("state_dict", "model"):
+        if isinstance(source.get(wrapper), dict):
+            source = source[wrapper]
+            break
+    pattern = re.compile(r"^(.*?)(image_encoder|prompt_encoder|mask_decoder)\.")
+    prefixes = {m.group(1) for key in source if (m := pattern.match(key))}
+    if not prefixes:
+        raise SamCheckpointError("checkpoint holds no SAM weights (no image_encoder./prompt_encoder./mask_decoder. keys)")
+    if len(prefixes) > 1:
+        raise SamCheckpointError(f"checkpoint holds SAM weights under several prefixes: {sorted(prefixes)}")
+    prefix = prefixes.pop()
+    if not prefix:
+        return dict(source)
+    return {key[len(prefix):]: value for key, value in source.items() if key.startswith(prefix) and key[len(prefix):].startswith(SAM_MODULES)}
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints also pickle hyper-parameters (config objects); the file is the user's own.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], like: SamConfig) -> SamConfig:
+    """The architecture numbers a state dict implies; numbers the shapes do not show come from `like`."""
+    sd = state_dict
+    try:
+        embed_dim, _, patch, _ = sd["image_encoder.patch_embed.proj.weight"].shape
+        depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.norm1\.weight")
+        table_sizes = [sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+        head_dim = sd["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+        window = (min(table_sizes) + 1) // 2
+        prompt_dim = sd["image_encoder.neck.0.weight"].shape[0]
+        internal = sd["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0]
+        return replace(
+            like,
+            image_size=sd["image_encoder.pos_embed"].shape[1] * patch,
+            patch_size=patch,
+            encoder_embed_dim=embed_dim,
+            encoder_depth=depth,
+            encoder_num_heads=embed_dim // head_dim,
+            encoder_window_size=window if len(set(table_sizes)) > 1 else like.encoder_window_size,
+            encoder_global_attn_indexes=tuple(i for i, s in enumerate(table_sizes) if s != 2 * window - 1)
+            if len(set(table_sizes)) > 1
+            else like.encoder_global_attn_indexes,
+            prompt_embed_dim=prompt_dim,
+            mask_in_chans=sd["prompt_encoder.mask_downscaling.3.weight"].shape[0],
+            decoder_depth=_count(sd, r"mask_decoder\.transformer\.layers\.(\d+)\.norm1\.weight"),
+            decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+            decoder_attention_downsample_rate=prompt_dim // internal,
+            num_multimask_outputs=sd["mask_decoder.mask_tokens.weight"].shape[0] - 1,
+            iou_head_depth=_count(sd, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.weight"),
+            iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        )
+    except KeyError as missing:
+        raise SamCheckpointError(f"checkpoint is not a SAM state dict: key {missing} is missing") from None
+
+
+def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for key in sd if (m := regex.fullmatch(key))})
+
+
+def adapt_to_image_size(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resamples the position embedding and global relative-position tables to the model's grid.
+
+    Windowed blocks keep their tables (the window does not change with the image size).
+    """
+    sd = dict(state_dict)
+    target = model.state_dict()
+    pos = sd["image_encoder.pos_embed"]
+    grid = target["image_encoder.pos_embed"].shape[1]
+    if pos.shape[1] != grid:
+        resized = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", align_corners=False)
+        sd["image_encoder.pos_embed"] = resized.permute(0, 2, 3, 1).to(pos.dtype)
+    for key, value in target.items():
+        if key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and key in sd and sd[key].shape != value.shape:
+            sd[key] = resize_relative_position_table(sd[key], (value.shape[0] + 1) // 2)
+    return sd
+
+
+def load_sam_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> None:
+    """Loads SAM weights into `model` (a Sam with a `.config`) with strict key checking.
+
+    A checkpoint of another architecture fails with one line naming both sizes; one made at another
+    image size is resampled to the model's.
+    """
+    state_dict = read_state_dict(checkpoint)
+    expected: SamConfig = model.config
+    found = infer_config(state_dict, like=expected)
+    if replace(found, image_size=expected.image_size) != expected:
+        raise SamCheckpointError(
+            f"checkpoint is {describe_size(found)} but the model is {describe_size(expected)}; "
+            "build the model with the checkpoint's size"
+        )
+    state_dict = adapt_to_image_size(state_dict, model)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        details = " ".join(str(error).split())
+        raise SamCheckpointError(f"checkpoint does not match the model: {details[:500]}") from None

@@ -1,0 +1,174 @@
+"""SAM's mask decoder: two-way transformer, upscaling, hypernetwork mask heads and the IoU head."""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from segany_train.model.layer_norm_2d import LayerNorm2d
+from segany_train.model.mlp import MLP
+from segany_train.model.two_way_transformer import SharedImageKeys, TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    """Predicts low-res mask logits and IoU for every prompt.
+
+    Image embeddings Bx(C)x(h)x(w); prompts NxTxC sparse and (1 or N)xCxhxw dense; each prompt
+    belongs to one image (`image_index`, N). Output: N x M x 4h x 4w logits and N x M IoU, where M is
+    1 (single-mask token) or `num_multimask_outputs`.
+    """
+
+    def __init__(
+        self,
+        *,
+        transformer_dim: int,
+        transformer: TwoWayTransformer,
+        num_multimask_outputs: int = 3,
+        activation: type[nn.Module] = nn.GELU,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            activation(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            activation(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(input_dim=transformer_dim, hidden_dim=transformer_dim, output_dim=transformer_dim // 8, num_layers=3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            input_dim=transformer_dim,
+            hidden_dim=iou_head_hidden_dim,
+            output_dim=self.num_mask_tokens,
+            num_layers=iou_head_depth,
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        image_index: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        shared_keys: SharedImageKeys | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Official call plus batching: returns (NxMx4hx4w logits, NxM IoU).
+
+        image_index: N image indices; when omitted, a single image serves every prompt or image i
+        serves prompt i (the official conventions). token_mask: NxT, False for batch padding tokens.
+        shared_keys: `prepare_shared_keys` output to reuse across calls on the same images.
+        """
+        n = sparse_prompt_embeddings.shape[0]
+        image_index = self._resolve_image_index(
+            image_embeddings.shape[0], n, image_index, sparse_prompt_embeddings.device
+        )
+        tokens = torch.cat(
+            [
+                torch.cat([self.iou_token.weight, self.mask_tokens.weight]).expand(n, -1, -1),
+                sparse_prompt_embeddings,
+            ],
+            dim=1,
+        )  # N x (1 + masks + T) x C
+        if token_mask is not None:
+            token_mask = torch.cat([token_mask.new_ones(n, 1 + self.num_mask_tokens), token_mask], dim=1)
+        if self._dense_is_shared(dense_prompt_embeddings):
+            # No mask prompt: every prompt of an image sees the same image tokens in the first layer.
+            if shared_keys is None:
+                shared_keys = self.prepare_shared_keys(image_embeddings, image_pe, dense_prompt_embeddings[:1])
+            hs, src = self._decode_grouped_by_image(tokens, token_mask, image_index, shared_keys)
+        else:
+            src = image_embeddings[image_index] + dense_prompt_embeddings
+            hs, src = self.transformer(src, image_pe, tokens, token_mask)
+        return self._heads(hs, src, image_embeddings.shape[-2:], multimask_output)
+
+    @staticmethod
+    def _resolve_image_index(
+        num_images: int, num_prompts: int, image_index: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        if image_index is not None:
+            if image_index.shape != (num_prompts,):
+                raise ValueError(f"image_index must have one entry per prompt ({num_prompts}), got {tuple(image_index.shape)}")
+            return image_index
+        if num_images == 1:
+            return torch.zeros(num_prompts, dtype=torch.long, device=device)
+        if num_images == num_prompts:
+            return torch.arange(num_prompts, device=device)
+        raise ValueError(
+            f"{num_images} image embeddings for {num_prompts} prompts: pass image_index to say which image each prompt is on"
+        )
+
+    @staticmethod
+    def _dense_is_shared(dense: torch.Tensor) -> bool:
+        """True when the dense prompt is one per-channel vector for all prompts (the "no mask" embedding)."""
+        return dense.shape[0] == 1 or (dense.stride(0) == 0 and dense.stride(2) == 0 and dense.stride(3) == 0)
+
+    def prepare_shared_keys(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> SharedImageKeys:
+        """Prompt-independent decoder work for B images without mask prompts (dense: 1xCx(1 or h)x(1 or w))."""
+        return self.transformer.prepare_shared_keys(image_embeddings + dense, image_pe)
+
+    def _decode_grouped_by_image(
+        self,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        image_index: torch.Tensor,
+        shared_keys: SharedImageKeys,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.unique(image_index).tolist()
+        if len(images) == 1:
+            return self.transformer.forward_shared(shared_keys, images[0], tokens, token_mask)
+        hs = torch.empty_like(tokens)
+        src = tokens.new_empty(tokens.shape[0], shared_keys.keys.shape[1], tokens.shape[2])
+        for image in images:
+            rows = (image_index == image).nonzero().squeeze(1)
+            mask = None if token_mask is None else token_mask[rows]
+            hs_i, src_i = self.transformer.forward_shared(shared_keys, image, tokens[rows], mask)
+            hs = hs.index_copy(0, rows, hs_i)
+            src = src.index_copy(0, rows, src_i)
+        return hs, src
+
+    def _heads(
+        self, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int], multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens NxTxC and image tokens NxHWxC -> masks NxMx4hx4w and IoU NxM."""
+        iou_pred = self.iou_prediction_head(hs[:, 0, :])
+        first, last = (1, self.num_mask_tokens) if multimask_output else (0, 1)
+        hyper_in = torch.stack(
+            [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in range(first, last)], dim=1
+        )  # N x M x C/8
+        masks = self._upscale_and_project(src, grid, hyper_in)
+        return masks, iou_pred[:, first:last]
+
+    def _upscale_and_project(self, src: torch.Tensor, grid: tuple[int, int], hyper_in: torch.Tensor) -> torch.Tensor:
+        """output_upscaling and the hypernetwork product, channels-last: src NxHWxC -> NxMx4hx4w.
+
+        A kernel-2 stride-2 transposed convolution is one matmul per pixel; keeping pixels in rows
+        avoids transposing the 32-channel full-resolution map, and only M channels are ever permuted.
+        """
+        n, _, c = src.shape
+        h, w = grid
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        c1, c2 = up1.out_channels, up2.out_channels
+        # ConvTranspose weight Cin x Cout x 2 x 2 -> Cin x (2*2*Cout), output (dy, dx, cout) per pixel
+        w1 = up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+        x = (src @ w1).view(n, h, w, 2, 2, c1) + up1.bias
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c1)  # N x 2h x 2w x C1
+        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        x = act2((x.reshape(n, -1, c1) @ w2).view(n, 2 * h, 2 * w, 4, c2) + up2.bias)
+        m = hyper_in.shape[1]
+        masks = x.view(n, -1, c2) @ hyper_in.transpose(1, 2)  # N x (2h*2w*4) x M
+        masks = masks.view(n, 2 * h, 2 * w, 2, 2, m).permute(0, 5, 1, 3, 2, 4)
+        return masks.reshape(n, m, 4 * h, 4 * w)
