@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from segany_train.cpu_allocator import retain_freed_memory
 from segany_train.model.sam import Sam
 from segany_train.model.two_way_transformer import SharedImageKeys
 from segany_train.transforms import ResizeLongestSide
@@ -13,10 +14,13 @@ class SamPredictor:
 
     Same methods, arguments, coordinate conventions (XY pixels of the original image) and returns.
     Differences: the decoder's prompt-independent work is done once per image and reused by every
-    prompt, and malformed prompts raise a ValueError that says what is wrong.
+    prompt; malformed prompts raise a ValueError that says what is wrong; on CPU it keeps freed
+    memory for reuse (`cpu_allocator.retain_freed_memory`).
     """
 
     def __init__(self, sam_model: Sam) -> None:
+        if sam_model.device.type == "cpu":
+            retain_freed_memory()
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.reset_image()

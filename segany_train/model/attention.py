@@ -72,51 +72,67 @@ class Attention(nn.Module):
         return self.out_proj(out.reshape(n, t, self.internal_dim) + self.v_proj.bias)
 
     def image_to_tokens(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Many queries against few keys, the query and output projections folded into the keys.
 
-        q: NxHWxC image tokens; k, v: NxTxC tokens; key_mask NxT -> NxHWxC. Equal to `forward`.
+        q: NxHWxC image tokens; k, v: NxTxC tokens; key_mask NxT -> NxHWxC, equal to
+        `forward(q, k, v, key_mask)`, plus `residual` (NxHWxC) when given.
         """
         n, t, _ = k.shape
-        key = self.k_proj(k).view(n, t, self.num_heads, self.head_dim)
-        value = self.v_proj(v).view(n, t, self.num_heads, self.head_dim)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        folded_k = torch.einsum("nthd,hdc->nhtc", key, self._per_head(self.q_proj.weight)) * scale
-        key_bias = torch.einsum("nthd,hd->nht", key, self.q_proj.bias.view(self.num_heads, self.head_dim)) * scale
-        scores = torch.baddbmm(key_bias.reshape(n, 1, -1), q, folded_k.reshape(n, -1, q.shape[-1]).transpose(1, 2))
-        probs = self._softmax_over_tokens(scores.view(n, -1, self.num_heads, t), key_mask)  # N x HW x h x T
-        return self._project_mixed_values(probs, value)
-
-    def _softmax_over_tokens(self, scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Scores ...x(heads)xT, key_mask NxT -> probabilities over T with masked tokens at zero."""
-        if key_mask is not None:
-            shape = (key_mask.shape[0],) + (1,) * (scores.dim() - 2) + (key_mask.shape[1],)
-            scores = scores.masked_fill(~key_mask.view(shape), float("-inf"))
-        return scores.softmax(dim=-1)
-
-    def _project_mixed_values(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """probs NxHWx(heads)xT, value NxTx(heads)x(d) -> out_proj(probs @ value): NxHWxC."""
-        n, hw, h, t = probs.shape
-        out_w = self.out_proj.weight.view(self.embedding_dim, h, self.head_dim)
-        value_out = torch.einsum("nthd,chd->nhtc", value, out_w).reshape(n, h * t, -1)  # N x hT x C
-        return torch.baddbmm(self.out_proj.bias, probs.reshape(n, hw, h * t), value_out)
+        key = self.k_proj(k).view(n, t, self.num_heads, self.head_dim) / math.sqrt(self.head_dim)
+        folded_k = torch.einsum("nthd,hdc->nhtc", key, self._per_head(self.q_proj.weight))
+        key_bias = torch.einsum("nthd,hd->nht", key, self.q_proj.bias.view(self.num_heads, self.head_dim))
+        scores = torch.baddbmm(key_bias.reshape(n, -1, 1), folded_k.reshape(n, -1, q.shape[-1]), q.transpose(1, 2))
+        probs = self._softmax_over_tokens(scores.view(n, self.num_heads, t, -1), key_mask)  # N x h x T x HW
+        return self._project_mixed_values(probs, self.v_proj(v), residual)
 
     def shared_image_to_tokens(
-        self, q_image: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+        self,
+        q_image: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image queries shared by N prompts: q_image HWxCi (already q-projected), k, v NxTxC -> NxHWxC.
 
-        All prompts of one image attend in one matmul against the same projected image tokens.
+        All prompts of one image are scored in one matmul against the same projected image tokens.
+        `residual` (HWxC, the image tokens) is added to every prompt's output when given.
         """
         n, t, _ = k.shape
-        key = self.k_proj(k).view(n, t, self.num_heads, self.head_dim)
-        value = self.v_proj(v).view(n, t, self.num_heads, self.head_dim)
-        q_heads = q_image.view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # h x HW x d
-        keys_by_head = key.permute(2, 3, 0, 1).reshape(self.num_heads, self.head_dim, n * t)  # h x d x NT
-        scores = (q_heads @ keys_by_head) / math.sqrt(self.head_dim)  # h x HW x NT
-        scores = scores.view(self.num_heads, -1, n, t).permute(2, 1, 0, 3)  # N x HW x h x T
-        return self._project_mixed_values(self._softmax_over_tokens(scores, key_mask), value)
+        key = self.k_proj(k) / math.sqrt(self.head_dim)
+        key_by_head = key.view(n * t, self.num_heads, self.head_dim).transpose(0, 1)  # h x NT x d
+        q_heads = q_image.view(-1, self.num_heads, self.head_dim).permute(1, 2, 0)  # h x d x HW
+        scores = (key_by_head @ q_heads).view(self.num_heads, n, t, -1).transpose(0, 1)  # N x h x T x HW
+        probs = self._softmax_over_tokens(scores, key_mask)
+        return self._project_mixed_values(probs, self.v_proj(v), None if residual is None else residual[None])
+
+    @staticmethod
+    def _softmax_over_tokens(scores: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Scores NxhxTxHW -> probabilities over T (dim 2), masked tokens at zero.
+
+        T sits before the long HW axis so the reduction is vectorised along HW (a softmax over a
+        trailing axis of 7 is ~10x slower).
+        """
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+        return scores.softmax(dim=2)
+
+    def _project_mixed_values(
+        self, probs: torch.Tensor, value: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """probs NxhxTxHW, value NxTxCi -> out_proj(probs^T @ value) (+ residual): NxHWxC."""
+        n, h, t, hw = probs.shape
+        out_w = self.out_proj.weight.view(self.embedding_dim, h, self.head_dim)
+        value_out = torch.einsum("nthd,chd->nhtc", value.view(n, t, h, -1), out_w).reshape(n, h * t, -1)  # N x hT x C
+        bias = self.out_proj.bias if residual is None else residual + self.out_proj.bias
+        return torch.baddbmm(bias, probs.reshape(n, h * t, hw).transpose(1, 2), value_out)
 
     def tokens_to_shared_image(self, q: torch.Tensor, k_image: torch.Tensor, v_image: torch.Tensor) -> torch.Tensor:
         """Tokens of N prompts against one image: q NxTxC, k_image and v_image HWxCi (projected) -> NxTxC."""

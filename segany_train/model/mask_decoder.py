@@ -154,21 +154,21 @@ class MaskDecoder(nn.Module):
     def _upscale_and_project(self, src: torch.Tensor, grid: tuple[int, int], hyper_in: torch.Tensor) -> torch.Tensor:
         """output_upscaling and the hypernetwork product, channels-last: src NxHWxC -> NxMx4hx4w.
 
-        A kernel-2 stride-2 transposed convolution is one matmul per pixel; keeping pixels in rows
-        avoids transposing the 32-channel full-resolution map, and only M channels are ever permuted.
+        A kernel-2 stride-2 transposed convolution is one matmul per pixel. Everything between the
+        two is per pixel too, so the sub-pixel outputs stay where the matmuls put them
+        (h, w, dy1, dx1, dy2, dx2) and only the M final channels are reordered into the image.
         """
         n, _, c = src.shape
         h, w = grid
         up1, norm, act1, up2, act2 = self.output_upscaling
         c1, c2 = up1.out_channels, up2.out_channels
-        # ConvTranspose weight Cin x Cout x 2 x 2 -> Cin x (2*2*Cout), output (dy, dx, cout) per pixel
+        # ConvTranspose weight Cin x Cout x 2 x 2 -> Cin x (dy, dx, Cout)
         w1 = up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
-        x = (src @ w1).view(n, h, w, 2, 2, c1) + up1.bias
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c1)  # N x 2h x 2w x C1
-        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        x = torch.addmm(up1.bias.repeat(4), src.reshape(-1, c), w1)  # (N*h*w) x (2*2*C1)
+        x = act1(F.layer_norm(x.view(-1, c1), (c1,), norm.weight, norm.bias, norm.eps))
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = act2((x.reshape(n, -1, c1) @ w2).view(n, 2 * h, 2 * w, 4, c2) + up2.bias)
+        x = act2(torch.addmm(up2.bias.repeat(4), x, w2))  # (N*h*w*4) x (2*2*C2)
         m = hyper_in.shape[1]
-        masks = x.view(n, -1, c2) @ hyper_in.transpose(1, 2)  # N x (2h*2w*4) x M
-        masks = masks.view(n, 2 * h, 2 * w, 2, 2, m).permute(0, 5, 1, 3, 2, 4)
+        masks = x.view(n, -1, c2) @ hyper_in.transpose(1, 2)  # N x (h*w*16) x M
+        masks = masks.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # N M h dy1 dy2 w dx1 dx2
         return masks.reshape(n, m, 4 * h, 4 * w)

@@ -77,7 +77,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(queries + query_pe, keys_pe, keys))
         queries = self._token_mlp(queries)
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(keys_pe, q, queries, token_mask))
+        keys = self.norm4(self.cross_attn_image_to_token.image_to_tokens(keys_pe, q, queries, token_mask, residual=keys))
         return queries, keys
 
     def prepare_shared_keys(self, keys: torch.Tensor, key_pe: torch.Tensor) -> SharedImageKeys:
@@ -109,8 +109,10 @@ class TwoWayAttentionBlock(nn.Module):
         )
         queries = self._token_mlp(self.norm2(queries + attn))
         q = queries + query_pe
-        update = self.cross_attn_image_to_token.shared_image_to_tokens(shared.q_image[image], q, queries, token_mask)
-        return queries, self.norm4(shared.keys[image] + update)
+        keys = self.cross_attn_image_to_token.shared_image_to_tokens(
+            shared.q_image[image], q, queries, token_mask, residual=shared.keys[image]
+        )
+        return queries, self.norm4(keys)
 
 
 class TwoWayTransformer(nn.Module):
