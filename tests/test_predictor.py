@@ -1,0 +1,99 @@
+"""SamPredictor: the official API's behaviour, batching, and clear errors for bad prompts."""
+
+import numpy as np
+import pytest
+import torch
+
+from segany_train import ResizeLongestSide, SamPredictor
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def predictor(tiny_sam, image):
+    p = SamPredictor(tiny_sam)
+    p.set_image(image)
+    return p
+
+
+def test_prompting_before_an_image_is_set(tiny_sam):
+    p = SamPredictor(tiny_sam)
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(point_coords=np.array([[1, 1]]), point_labels=np.array([1]))
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.get_image_embedding()
+
+
+def test_shapes_and_transform(predictor):
+    assert isinstance(predictor.transform, ResizeLongestSide) and predictor.transform.target_length == 128
+    assert predictor.original_size == (90, 120) and predictor.input_size == (96, 128)
+    assert predictor.get_image_embedding().shape == (1, 32, 8, 8)
+    masks, iou, low = predictor.predict(point_coords=np.array([[30, 40]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 90, 120) and masks.dtype == bool and iou.shape == (3,) and low.shape == (3, 32, 32)
+    masks, iou, low = predictor.predict(box=np.array([10, 10, 80, 60]), multimask_output=False)
+    assert masks.shape == (1, 90, 120) and iou.shape == (1,)
+    # the low-res logits fed back as a mask prompt, as in interactive use
+    masks, _, _ = predictor.predict(
+        point_coords=np.array([[30, 40]]), point_labels=np.array([1]), mask_input=low, multimask_output=False
+    )
+    assert masks.shape == (1, 90, 120)
+
+
+def test_predict_torch_batch_equals_single_prompts(predictor):
+    boxes = np.array([[10, 10, 80, 60], [0, 0, 119, 89], [50, 20, 60, 30]])
+    transformed = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float), predictor.original_size)
+    masks, iou, low = predictor.predict_torch(None, None, boxes=transformed, multimask_output=True, return_logits=True)
+    assert masks.shape == (3, 3, 90, 120)
+    for i, box in enumerate(boxes):
+        m, s, lo = predictor.predict(box=box, return_logits=True)
+        assert np.allclose(m, masks[i].numpy(), atol=1e-5) and np.allclose(s, iou[i].numpy(), atol=1e-5)
+        assert np.allclose(lo, low[i].numpy(), atol=1e-5)
+
+
+def test_new_image_replaces_cached_work(tiny_sam, predictor, image):
+    other = np.ascontiguousarray(image[::-1])
+    prompt = {"point_coords": np.array([[30, 40]]), "point_labels": np.array([1])}
+    before, _, _ = predictor.predict(**prompt, return_logits=True)
+    predictor.set_image(other)
+    after, _, _ = predictor.predict(**prompt, return_logits=True)
+    fresh = SamPredictor(tiny_sam)
+    fresh.set_image(other)
+    expected, _, _ = fresh.predict(**prompt, return_logits=True)
+    assert np.allclose(after, expected, atol=1e-6) and not np.allclose(before, after)
+    predictor.reset_image()
+    assert not predictor.is_image_set and predictor.features is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"point_coords": np.array([[30, 40]])}, "point_labels must be supplied"),
+        ({"point_coords": np.array([30, 40]), "point_labels": np.array([1])}, "Nx2"),
+        ({"point_coords": np.array([[30, 40]]), "point_labels": np.array([1, 0])}, "Nx2"),
+        ({"point_coords": np.array([[500, 40]]), "point_labels": np.array([1])}, "outside the 120x90"),
+        ({"box": np.array([80, 10, 10, 60])}, "x1 >= x0"),
+        ({"box": np.array([10, 10, 60])}, "4 numbers"),
+        ({"box": np.array([300, 300, 400, 400])}, "outside"),
+    ],
+)
+def test_bad_prompts_raise_clear_errors(predictor, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        predictor.predict(**kwargs)
+
+
+def test_bad_images_raise_clear_errors(tiny_sam):
+    p = SamPredictor(tiny_sam)
+    with pytest.raises(ValueError, match="HxWx3"):
+        p.set_image(np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(ValueError, match="image_format"):
+        p.set_image(np.zeros((10, 10, 3), dtype=np.uint8), image_format="RGBA")
+    with pytest.raises(ValueError, match="longest side is 128"):
+        p.set_torch_image(torch.zeros(1, 3, 64, 64), (64, 64))
+
+
+def test_a_mask_prompt_of_the_wrong_size_is_named(predictor):
+    with pytest.raises(ValueError, match="1x32x32"):
+        predictor.predict(point_coords=np.array([[3, 4]]), point_labels=np.array([1]), mask_input=np.zeros((1, 64, 64)))
