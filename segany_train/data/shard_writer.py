@@ -1,0 +1,109 @@
+"""Writing SA-1B-format shards atomically, with a manifest of per-shard sample counts."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from segany_train.data.sa1b import SHARD_SUFFIX, encode_sample
+
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a shard directory: {"shards": {name: {"samples": n, "masks": m}}}; empty if none."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return {"shards": {}}
+    return json.loads(path.read_text())
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def record_shard(directory: str | Path, shard_name: str, samples: int, masks: int) -> None:
+    """Adds (or replaces) one shard's entry in the directory's manifest, atomically."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    manifest["shards"][shard_name] = {"samples": samples, "masks": masks}
+    manifest["total_samples"] = sum(s["samples"] for s in manifest["shards"].values())
+    _write_json_atomically(directory / MANIFEST_NAME, manifest)
+
+
+class SA1BShardWriter:
+    """Writes samples into `prefix000000.tar`, `prefix000001.tar`, ... in `directory`.
+
+    Each shard is written as `<name>.tar.tmp` and renamed when complete, so a killed job never leaves a
+    partial shard under a shard name; then its counts go into `manifest.json`. Use as a context manager.
+    """
+
+    def __init__(
+        self, directory: str | Path, *, prefix: str = "sa_", start_index: int = 0, max_samples_per_shard: int = 1000
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.index = start_index
+        self.max_samples = max_samples_per_shard
+        self.written: list[Path] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = self._masks = 0
+
+    def _shard_name(self) -> str:
+        return f"{self.prefix}{self.index:06d}{SHARD_SUFFIX}"
+
+    def _open(self) -> None:
+        self._tmp = self.directory / (self._shard_name() + ".tmp")
+        self._stream = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._stream, encoder=False)
+        self._count = self._masks = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._stream.close()
+        final = self.directory / self._shard_name()
+        os.replace(self._tmp, final)
+        record_shard(self.directory, final.name, self._count, self._masks)
+        self.written.append(final)
+        self._tar = None
+        self.index += 1
+
+    def write(self, key: str, jpeg: bytes, record: dict[str, Any]) -> None:
+        """Adds one image; starts a new shard when the current one is full."""
+        sample = encode_sample(key, jpeg, record)
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._count += 1
+        self._masks += len(record["annotations"])
+        if self._count >= self.max_samples:
+            self._finish()
+
+    def close(self) -> list[Path]:
+        """Completes the open shard; returns every shard this writer completed."""
+        self._finish()
+        return self.written
+
+    def abandon(self) -> None:
+        """Drops the shard being written (on an error), leaving completed shards as they are."""
+        if self._tar is not None:
+            self._tar.close()
+            self._stream.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+    def __enter__(self) -> "SA1BShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
