@@ -1,0 +1,121 @@
+"""LightningDataModule over SA-1B-format shards, safe for multi-node training."""
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from segany_train.data.pipeline import collate_training_samples, expand_shard_patterns, training_pipeline
+from segany_train.data.shard_writer import read_manifest
+from segany_train.data.training_sample import SampleConfig
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in the shards according to their directories' manifests; None if any shard is not listed."""
+    total = 0
+    for url in urls:
+        path = Path(url)
+        entry = read_manifest(path.parent)["shards"].get(path.name)
+        if entry is None:
+            return None
+        total += entry["samples"]
+    return total
+
+
+class SA1BDataModule(L.LightningDataModule):
+    """Train/val loaders of SA-1B shards.
+
+    Training uses `train_mode` ("resampled" by default) with a fixed epoch length per rank, so every
+    rank yields the same number of batches. The epoch length is `samples_per_epoch` (per rank) or, by
+    default, the manifest's sample count divided by the world size. Validation reads each shard once,
+    split over ranks and workers.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        sample: SampleConfig = SampleConfig(),
+        batch_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        train_mode: str = "resampled",
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_patterns, self.val_patterns = train_shards, val_shards
+        self.sample = sample
+        self.batch_size, self.num_workers, self.prefetch_factor = batch_size, num_workers, prefetch_factor
+        self.train_mode, self.samples_per_epoch = train_mode, samples_per_epoch
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def _world_size(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
+
+    def setup(self, stage: str | None = None) -> None:
+        # Resolve shard lists here so a bad pattern fails before training starts.
+        self.train_urls = expand_shard_patterns(self.train_patterns)
+        self.val_urls = expand_shard_patterns(self.val_patterns) if self.val_patterns else []
+        world, workers = self._world_size(), max(1, self.num_workers)
+        for name, urls, mode in (("train", self.train_urls, self.train_mode), ("val", self.val_urls, "once")):
+            if urls and mode != "resampled" and len(urls) < world * workers:
+                raise ValueError(
+                    f"{name}: {len(urls)} shards for {world} ranks x {workers} workers leaves loaders empty; "
+                    "use fewer workers, more shards, or train_mode=resampled"
+                )
+        per_rank = self.samples_per_epoch
+        if per_rank is None:
+            total = count_samples(self.train_urls)
+            if total is None:
+                raise ValueError("train shards have no manifest entry: set samples_per_epoch (per rank)")
+            per_rank = max(1, total // world)
+        self.samples_per_worker = math.ceil(per_rank / workers)
+
+    def _loader(self, dataset, samples_per_worker: int | None) -> DataLoader:
+        if samples_per_worker is not None:
+            # len() for progress bars: each worker batches its own samples
+            batches = max(1, self.num_workers) * math.ceil(samples_per_worker / self.batch_size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # with_epoch above fixes the count; with_length only reports it
+                dataset = dataset.with_length(batches * self.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_training_samples,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = training_pipeline(
+            self.train_urls,
+            self.sample,
+            mode=self.train_mode,
+            samples_per_worker=self.samples_per_worker,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+        )
+        return self._loader(dataset, self.samples_per_worker)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        # validation sees every sample once; no augmentation
+        plain = SampleConfig(
+            image_size=self.sample.image_size,
+            mask_size=self.sample.mask_size,
+            max_masks=self.sample.max_masks,
+            max_area_fraction=self.sample.max_area_fraction,
+        )
+        return self._loader(training_pipeline(self.val_urls, plain, mode="once", seed=self.seed), None)

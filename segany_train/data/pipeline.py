@@ -1,0 +1,148 @@
+"""The webdataset pipeline from SA-1B shards to training batches, with counted skips of bad input.
+
+Stages: shard list (resampled, or split by node and worker) -> tar members -> samples -> decoded
+training samples (bad ones skipped and counted) -> optional shuffle buffer -> fixed-length epoch.
+"""
+
+import glob
+import itertools
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+
+from segany_train.data.sa1b import BadSample, decode_sample
+from segany_train.data.training_sample import SampleConfig, build_training_sample
+
+SHARD_MODES = ("resampled", "split_repeat", "once")
+
+
+class SkippedSampleWarning(UserWarning):
+    """A sample or shard was skipped; the message names the shard and key."""
+
+
+def expand_shard_patterns(patterns: str | list[str]) -> list[str]:
+    """Brace patterns, globs and paths -> shard list. A pattern matching nothing fails, naming it."""
+    urls: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        matched: list[str] = []
+        for item in braceexpand.braceexpand(str(pattern)):
+            if "://" in item or item.startswith("pipe:"):
+                matched.append(item)
+            elif any(ch in item for ch in "*?["):
+                matched.extend(sorted(glob.glob(item)))
+            elif os.path.exists(item):
+                matched.append(item)
+        if not matched:
+            raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
+        urls.extend(matched)
+    return urls
+
+
+class SkipLog:
+    """Skips seen by this process since they were last attached to a sample.
+
+    Lives in each DataLoader worker; every delivered sample carries the skips that happened before it
+    (`skipped`), so the counts reach the training process through the batches themselves.
+    """
+
+    pending: Counter = Counter()
+
+    @classmethod
+    def record(cls, reason: str, where: str, detail: str) -> None:
+        cls.pending[reason] += 1
+        warnings.warn(f"skipped {where}: {detail}", SkippedSampleWarning, stacklevel=2)
+
+    @classmethod
+    def take(cls) -> dict[str, int]:
+        taken, cls.pending = dict(cls.pending), Counter()
+        return taken
+
+
+def _tar_error_handler(error: Exception) -> bool:
+    """webdataset handler: count a corrupt or truncated shard member and go on (never crash, never hang)."""
+    SkipLog.record("corrupt_shard", getattr(error, "args", ["?"])[-1] if error.args else "?", repr(error))
+    return True
+
+
+def _decode_stage(cfg: SampleConfig, seed: int):
+    passes = itertools.count()  # a new random stream on each pass (epoch) over the data
+
+    def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        rank = int(os.environ.get("RANK", 0))
+        rng = np.random.default_rng([seed, rank, 0 if info is None else info.id, next(passes)])
+        for raw in samples:
+            where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+            try:
+                key, jpeg, record = decode_sample(raw)
+                sample = build_training_sample(key, jpeg, record, cfg, rng)
+            except BadSample as error:
+                SkipLog.record("bad_sample", where, str(error))
+                continue
+            sample["skipped"] = SkipLog.take()
+            yield sample
+
+    return stage
+
+
+def training_pipeline(
+    urls: list[str],
+    cfg: SampleConfig,
+    *,
+    mode: str = "resampled",
+    samples_per_worker: int | None = None,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+) -> wds.DataPipeline:
+    """An IterableDataset of training samples.
+
+    mode "resampled": each rank and worker draws shards at random (seeded by rank and worker), so no
+    loader runs dry; "split_repeat": disjoint shards per rank and worker, cycled; "once": disjoint
+    shards, each read once (evaluation). With `samples_per_worker`, every worker yields exactly that
+    many samples, so all ranks see the same number of batches (unequal counts hang DDP).
+    """
+    if mode not in SHARD_MODES:
+        raise ValueError(f"mode must be one of {SHARD_MODES}, got {mode!r}")
+    if mode == "resampled":
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(handler=_tar_error_handler), _decode_stage(cfg, seed)]
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+    pipeline = wds.DataPipeline(*stages)
+    if mode == "split_repeat":
+        pipeline = pipeline.repeat()
+    if samples_per_worker is not None:
+        pipeline = pipeline.with_epoch(samples_per_worker)
+    return pipeline
+
+
+def collate_training_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images stacked (Bx3xSxS uint8); masks of all images concatenated with the image each belongs to.
+
+    masks NxMxM bool, boxes Nx4, image_index N: the layout `Sam.decode` takes. `skipped` sums the
+    skips reported by the samples of this batch.
+    """
+    counts = [s["masks"].shape[0] for s in samples]
+    skipped: Counter = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    return {
+        "keys": [s["key"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "masks": torch.cat([s["masks"] for s in samples]),
+        "boxes": torch.cat([s["boxes"] for s in samples]),
+        "annotation_ids": torch.cat([s["annotation_ids"] for s in samples]),
+        "image_index": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
+        "input_size": torch.tensor([s["input_size"] for s in samples]),
+        "original_size": torch.tensor([s["original_size"] for s in samples]),
+        "skipped": dict(skipped),
+    }
