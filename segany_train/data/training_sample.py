@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
-from segany_train.data.rle import decode_rle_at, nearest_indices
+from segany_train.data.rle import decode_rles_at, nearest_indices
 from segany_train.data.sa1b import BadSample
 from segany_train.transforms import ResizeLongestSide
 
@@ -69,11 +69,12 @@ def _masks(anns: list[dict[str, Any]], record: dict[str, Any], win: _Window, cfg
     if win.flip:
         cols = cols[::-1]
     out = np.zeros((len(anns), cfg.mask_size, cfg.mask_size), dtype=bool)
-    for i, ann in enumerate(anns):
-        try:
-            out[i, : len(rows), : len(cols)] = decode_rle_at(ann["segmentation"], rows, cols, ann.get("bbox"))
-        except (ValueError, KeyError, TypeError) as error:
-            raise BadSample(f"annotation {ann.get('id')}: malformed RLE ({error})") from None
+    try:
+        out[:, : len(rows), : len(cols)] = decode_rles_at(
+            [a["segmentation"] for a in anns], rows, cols, [a.get("bbox") for a in anns]
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadSample(f"malformed RLE ({error})") from None
     return out
 
 
