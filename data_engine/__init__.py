@@ -1,0 +1,1 @@
+"""The data engine: simulated annotators, the three stages and the annotate -> retrain cycle (to come)."""

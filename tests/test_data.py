@@ -212,3 +212,32 @@ def test_a_pattern_matching_nothing_fails_naming_it(tmp_path):
     write_shards(tmp_path, num_images=4, per_shard=1)
     assert len(expand_shard_patterns(str(tmp_path / "sa_{000000..000003}.tar"))) == 4
     assert len(expand_shard_patterns(str(tmp_path / "sa_*.tar"))) == 4
+
+
+def test_datamodule_with_workers_counts_skips_and_sizes_epochs(tmp_path):
+    from segany_train.data.datamodule import SA1BDataModule
+
+    with SA1BShardWriter(tmp_path, max_samples_per_shard=3) as writer:
+        for i in range(12):
+            key, jpeg, record = _good_sample(i)
+            writer.write(key, b"corrupt" if i in (4, 9) else jpeg, record)
+    dm = SA1BDataModule(
+        train_shards=str(tmp_path / "sa_{000000..000003}.tar"),
+        val_shards=str(tmp_path / "sa_*.tar"),
+        sample=SMALL,
+        batch_size=2,
+        num_workers=2,
+        train_mode="split_repeat",
+        samples_per_epoch=8,
+    )
+    dm.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = list(dm.train_dataloader())
+        val = list(dm.val_dataloader())
+    assert len(train) == len(dm.train_dataloader()) == 4 and sum(len(b["keys"]) for b in train) == 8
+    assert sorted(k for b in val for k in b["keys"]) == sorted(f"sa_{i}" for i in range(12) if i not in (4, 9))
+    assert sum(b["skipped"].get("bad_sample", 0) for b in val) == 2
+    assert all(b["masks"].shape[0] == b["image_index"].shape[0] == b["boxes"].shape[0] for b in train)
+    with pytest.raises(ValueError, match="leaves loaders empty"):
+        SA1BDataModule(train_shards=str(tmp_path / "sa_000000.tar"), sample=SMALL, num_workers=2, train_mode="split_repeat").setup("fit")
