@@ -1,6 +1,8 @@
-"""SA-1B-format data: shard schema, writer, reader pipeline, DataModule, synthetic corpus, COCO I/O."""
+"""SA-1B-format data: shard schema, writer, reader pipeline, synthetic corpus, COCO I/O.
 
-from segany_train.data.datamodule import SA1BDataModule
+The LightningDataModule lives in `segany_train.data.datamodule` (not imported here: it pulls in Lightning).
+"""
+
 from segany_train.data.pipeline import SkippedSampleWarning, collate_training_samples, expand_shard_patterns, training_pipeline
 from segany_train.data.sa1b import BadSample, decode_sample, encode_sample
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
@@ -8,7 +10,6 @@ from segany_train.data.training_sample import SampleConfig, build_training_sampl
 
 __all__ = [
     "BadSample",
-    "SA1BDataModule",
     "SA1BShardWriter",
     "SampleConfig",
     "SkippedSampleWarning",
