@@ -131,3 +131,18 @@ def load_sam_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any
     except RuntimeError as error:
         details = " ".join(str(error).split())
         raise SamCheckpointError(f"checkpoint does not match the model: {details[:500]}") from None
+
+
+def save_official_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Writes the weights as an official-format state dict (`sam_model_registry[...](checkpoint=path)`
+    of this project and the official package both load it). LoRA adapters are merged first, on a copy."""
+    from copy import deepcopy
+
+    from segany_train.model.lora import merge_lora
+
+    plain = deepcopy(model).cpu()
+    merge_lora(plain)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in plain.state_dict().items()}, path)
+    return path

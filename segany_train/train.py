@@ -1,0 +1,158 @@
+"""Training entry point: `segany-train [hydra overrides]`, or `train(cfg)` from Python."""
+
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from segany_train.data.datamodule import SA1BDataModule
+from segany_train.data.synthetic import write_synthetic_corpus
+from segany_train.data.training_sample import SampleConfig
+from segany_train.model import Sam, build_sam_by_name
+from segany_train.model.lora import add_lora_to_encoder_attention
+from segany_train.training.losses import LossWeights
+from segany_train.training.module import SamTrainingModule
+from segany_train.training.optim import OptimConfig
+from segany_train.training.rollout import RolloutConfig
+
+FREEZABLE = ("image_encoder", "prompt_encoder", "mask_decoder")
+# conf/ sits at the repository root, beside this package (the project is installed editable)
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _dataclass_from(cls, node: DictConfig | dict) -> Any:
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def build_model(model_cfg: DictConfig) -> Sam:
+    """The SAM to train: a registry size with overrides, a checkpoint, frozen parts and LoRA."""
+    overrides = dict(OmegaConf.to_container(model_cfg.overrides, resolve=True) or {})
+    overrides.setdefault("encoder_drop_path_rate", model_cfg.drop_path)
+    sam = build_sam_by_name(model_cfg.name, checkpoint=model_cfg.checkpoint, **overrides)
+    for part in model_cfg.freeze:
+        if part not in FREEZABLE:
+            raise ValueError(f"model.freeze entries must be among {FREEZABLE}, got {part!r}")
+        getattr(sam, part).requires_grad_(False)
+    if model_cfg.lora_rank > 0:
+        add_lora_to_encoder_attention(sam.image_encoder, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha)
+    return sam
+
+
+def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
+    """The DataModule; the synthetic corpus is generated first when the config names one."""
+    if data_cfg.get("synthetic"):
+        syn = data_cfg.synthetic
+        write_synthetic_corpus(
+            syn.directory, num_images=syn.num_images, seed=syn.seed, size=syn.size, images_per_shard=syn.images_per_shard
+        )
+    image_size = data_cfg.image_size or sam.image_encoder.img_size
+    sample = SampleConfig(
+        image_size=image_size,
+        mask_size=data_cfg.mask_size or image_size // 4,
+        max_masks=data_cfg.max_masks,
+        max_area_fraction=data_cfg.max_area_fraction,
+        large_scale_jitter=data_cfg.large_scale_jitter,
+        horizontal_flip=data_cfg.horizontal_flip,
+    )
+    return SA1BDataModule(
+        train_shards=data_cfg.train_shards,
+        val_shards=data_cfg.val_shards,
+        sample=sample,
+        batch_size=data_cfg.batch_size,
+        num_workers=data_cfg.num_workers,
+        prefetch_factor=data_cfg.prefetch_factor,
+        train_mode=data_cfg.train_mode,
+        samples_per_epoch=data_cfg.samples_per_epoch,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+    )
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    """wandb (offline unless logger.mode=online; the run id is kept in the run directory so a resumed
+    run continues the same wandb run), CSV or TensorBoard."""
+    kind = cfg.logger.kind
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        logger = WandbLogger(
+            project=cfg.logger.project, save_dir=str(run_dir), mode=cfg.logger.mode, id=run_id, resume="allow"
+        )
+        if run_id is None and int(os.environ.get("RANK", 0)) == 0:
+            id_file.write_text(logger.experiment.id)
+        return logger
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version=0)
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=0)
+    raise ValueError(f"logger.kind must be wandb, csv or tensorboard, got {kind!r}")
+
+
+def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+    if cfg.ckpt_path == "last":
+        last = checkpoint_dir / "last.ckpt"
+        return str(last) if last.exists() else None
+    return cfg.ckpt_path
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains as configured; returns the final logged metrics. Re-running the same config resumes."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    sam = build_model(cfg.model)
+    module = SamTrainingModule(
+        sam,
+        optim=_dataclass_from(OptimConfig, cfg.optim),
+        rollout=_dataclass_from(RolloutConfig, cfg.prompting),
+        loss=LossWeights(),
+        seed=cfg.seed,
+    )
+    datamodule = build_datamodule(cfg.data, sam)
+    checkpoint_dir = run_dir / "checkpoints"
+    fast = bool(cfg.trainer.fast_dev_run)
+    callbacks = [] if fast else [
+        ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True)
+    ]
+    if cfg.callbacks.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = L.Trainer(
+        **trainer_cfg,
+        gradient_clip_val=cfg.optim.gradient_clip,
+        default_root_dir=str(run_dir),
+        logger=False if fast else build_logger(cfg, run_dir),
+        callbacks=callbacks,
+        enable_progress_bar=bool(cfg.callbacks.progress_bar),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=None if fast else _resume_path(cfg, checkpoint_dir))
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    metrics = train(cfg)
+    for key in sorted(metrics):
+        if key.startswith("val/"):
+            print(f"{key}: {metrics[key]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

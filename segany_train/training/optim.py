@@ -1,0 +1,72 @@
+"""AdamW with layer-wise lr decay for the ViT, no weight decay on norms/biases/positions, warmup + decay."""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 8e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.1
+    layer_decay: float = 0.8  # lr multiplier per ViT block counted from the top
+    warmup_steps: int = 250
+    schedule: str = "step"  # "step" (SAM: x0.1 at milestones) or "cosine" (SAM 2)
+    milestones: tuple[int, ...] = (60000, 86666)
+    decay_factor: float = 0.1
+    total_steps: int = 90000  # for cosine
+    gradient_clip: float | None = None  # SAM 2: 0.1
+    no_decay_names: tuple[str, ...] = field(default=("pos_embed", "rel_pos_h", "rel_pos_w"))
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """0 for the patch/position embedding, i+1 for encoder block i, depth+1 for everything after."""
+    if name.startswith("image_encoder.") and ("patch_embed" in name or name.endswith("pos_embed")):
+        return 0
+    match = re.match(r"image_encoder\.blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return depth + 1
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig, depth: int) -> list[dict]:
+    """One group per (layer, decay?) pair, each with its `lr_scale` = layer_decay ** (depth + 1 - layer)."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        bare = name.split(".", 1)[1] if not name.startswith(("image_encoder", "prompt_encoder", "mask_decoder")) else name
+        layer = _layer_id(bare, depth)
+        no_decay = param.ndim <= 1 or bare.endswith(cfg.no_decay_names)
+        group = groups.setdefault(
+            (layer, no_decay),
+            {"params": [], "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": cfg.layer_decay ** (depth + 1 - layer)},
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base lr at `step`: linear warmup, then step decay or cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step":
+        return cfg.decay_factor ** sum(step >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule must be 'step' or 'cosine', got {cfg.schedule!r}")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, depth: int):
+    """AdamW and a per-step LambdaLR scheduler honouring each group's lr_scale."""
+    groups = parameter_groups(model, cfg, depth)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    return optimizer, scheduler
