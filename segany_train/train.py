@@ -19,6 +19,7 @@ from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
 from segany_train.training.optim import OptimConfig
+from segany_train.training.overlays import MaskOverlayCallback
 from segany_train.training.rollout import RolloutConfig
 
 FREEZABLE = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -124,6 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rollout=_dataclass_from(RolloutConfig, cfg.prompting),
         loss=LossWeights(),
         seed=cfg.seed,
+        overlay_every_n_steps=cfg.logger.log_images_every_n_steps,
     )
     datamodule = build_datamodule(cfg.data, sam)
     checkpoint_dir = run_dir / "checkpoints"
@@ -131,12 +133,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [] if fast else [
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True)
     ]
+    if cfg.logger.log_images_every_n_steps and not fast:
+        callbacks.append(MaskOverlayCallback(cfg.logger.log_images_every_n_steps, run_dir / "overlays"))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(
         **trainer_cfg,
-        gradient_clip_val=cfg.optim.gradient_clip,
         default_root_dir=str(run_dir),
         logger=False if fast else build_logger(cfg, run_dir),
         callbacks=callbacks,

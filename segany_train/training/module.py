@@ -1,13 +1,16 @@
 """The LightningModule: SAM trained with simulated interactive prompting (SAM paper, appendix A)."""
 
 from collections import Counter
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 
 from segany_train.model import Sam
-from segany_train.training.losses import LossWeights, mask_iou, sam_loss
+from segany_train.training.losses import IterationLoss, LossWeights, mask_iou, sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer
 from segany_train.training.rollout import IterationOutput, RolloutConfig, run_rollout
 
@@ -25,6 +28,10 @@ def normalize_images(sam: Sam, images: torch.Tensor, input_size: torch.Tensor) -
     return x * inside[:, None]
 
 
+def _detached(loss: IterationLoss) -> IterationLoss:
+    return replace(loss, total=loss.total.detach(), focal=loss.focal.detach(), dice=loss.dice.detach(), iou=loss.iou.detach())
+
+
 class SamTrainingModule(L.LightningModule):
     """Trains a `Sam` on SA-1B-format batches (see `segany_train.data.pipeline.collate_training_samples`)."""
 
@@ -37,12 +44,16 @@ class SamTrainingModule(L.LightningModule):
         loss: LossWeights = LossWeights(),
         eval_rollout: RolloutConfig = EVAL_ROLLOUT,
         seed: int = 0,
+        overlay_every_n_steps: int = 0,
     ) -> None:
         super().__init__()
         self.sam = sam
         self.optim_cfg, self.rollout_cfg, self.loss_cfg, self.eval_rollout = optim, rollout, loss, eval_rollout
         self.seed = seed
+        self.overlay_every_n_steps = overlay_every_n_steps
+        self.last_visual: dict | None = None  # read (and cleared) by MaskOverlayCallback
         self.skipped: Counter = Counter()
+        self.automatic_optimization = False  # see training_step: several backward passes per step
         self.save_hyperparameters(
             {"sam": asdict(sam.config), "optim": asdict(optim), "rollout": asdict(rollout), "loss": asdict(loss)}
         )
@@ -60,25 +71,73 @@ class SamTrainingModule(L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="mean")
         return max(count.item(), 1.0)
 
+    def _backward_unsynced(self, loss: torch.Tensor) -> None:
+        """Backward without DDP's per-backward reduction: a step runs several backward passes (one per
+        decoder iteration, then the encoder's), and gradients are all-reduced once at the end."""
+        wrapper = self.trainer.strategy.model
+        with wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext():
+            self.manual_backward(loss)
+
+    def _all_reduce_gradients(self) -> None:
+        """Averages every trainable parameter's gradient over ranks, in one flat buffer."""
+        if self.trainer.world_size == 1:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # every rank must contribute the same buffer layout
+                p.grad = torch.zeros_like(p)
+        flat = _flatten_dense_tensors([p.grad for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        for p, reduced in zip(params, _unflatten_dense_tensors(flat, [p.grad for p in params])):
+            p.grad.copy_(reduced)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One optimiser step: the encoder once, the decoder once per rollout iteration.
+
+        Each iteration's loss is backpropagated as soon as it exists, into a detached copy of the
+        embeddings, so only one iteration's decoder graph is alive at a time; the summed embedding
+        gradient then goes through the encoder in one last backward pass.
+        """
         for reason, n in batch["skipped"].items():
             self.skipped[reason] += n
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        keep_visual = bool(self.overlay_every_n_steps) and self.global_step % self.overlay_every_n_steps == 0
+        optimizer.zero_grad()
         embeddings = self.sam.image_encoder(normalize_images(self.sam, batch["image"], batch["input_size"]))
+        leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
         gt, image_index = batch["masks"], batch["image_index"]
+        norm = self._mask_count(gt.shape[0])
         parts: list = []
+        first_iteration: list[IterationOutput] = []
+        last_logits: list[torch.Tensor] = []
 
         def on_iteration(out: IterationOutput) -> None:
-            parts.append((out.step, sam_loss(out.logits, out.iou_pred, gt, self.loss_cfg), out.iou_pred.detach()))
+            loss = sam_loss(out.logits, out.iou_pred, gt, self.loss_cfg)
+            if loss.total.requires_grad:
+                self._backward_unsynced(loss.total / norm)
+            parts.append((out.step, _detached(loss), out.iou_pred.detach()))
+            if not first_iteration:
+                first_iteration.append(out)
+            last_logits[:] = [out.logits.detach()]
 
-        run_rollout(self.sam, embeddings, gt, image_index, self.rollout_cfg, on_iteration, self._generator())
-        norm = self._mask_count(gt.shape[0])
+        run_rollout(self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator())
+        if leaf.grad is not None:
+            self._backward_unsynced((embeddings * leaf.grad).sum())
+        self._all_reduce_gradients()
+        if self.optim_cfg.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.gradient_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+        if keep_visual:
+            self._keep_visual(batch, first_iteration, parts[-1][2].argmax(dim=1), last_logits)
         total = sum(p.total for _, p, _ in parts) / norm
         log = {
             "train/loss": total,
             "train/focal": sum(p.focal for _, p, _ in parts) / norm,
             "train/dice": sum(p.dice for _, p, _ in parts) / norm,
             "train/iou_head": sum(p.iou for _, p, _ in parts) / norm,
-            "train/lr": self.trainer.optimizers[0].param_groups[-1]["lr"] if self.trainer.optimizers else 0.0,
+            "train/lr": optimizer.param_groups[-1]["lr"],
         }
         for step, p, iou_pred in parts:
             log[f"train/miou_iter{step}"] = p.true_iou.mean()
@@ -88,6 +147,18 @@ class SamTrainingModule(L.LightningModule):
         self.log_dict(log, prog_bar=False, batch_size=batch["image"].shape[0])
         self.log("loss", total, prog_bar=True, logger=False, batch_size=batch["image"].shape[0])
         return total
+
+    def _keep_visual(self, batch: dict, first: list[IterationOutput], best: torch.Tensor, last: list[torch.Tensor]) -> None:
+        """The first image's GT, final prediction and first prompts, for MaskOverlayCallback."""
+        rows = (batch["image_index"] == 0).nonzero().squeeze(1)
+        final = last[0][rows, best[rows]] > self.sam.mask_threshold
+        self.last_visual = {
+            "image": batch["image"][0],
+            "gt": batch["masks"][rows],
+            "pred": final,
+            "point_coords": first[0].point_coords[rows],
+            "point_labels": first[0].point_labels[rows],
+        }
 
     @torch.no_grad()
     def interactive_miou(self, batch: dict, rollout: RolloutConfig = EVAL_ROLLOUT) -> dict[int, torch.Tensor]:

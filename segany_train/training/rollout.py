@@ -71,6 +71,8 @@ class IterationOutput:
     iou_pred: torch.Tensor
     step: int
     interactions: int
+    point_coords: torch.Tensor  # NxPx2 prompt points in input pixels (box corners included)
+    point_labels: torch.Tensor  # NxP labels (IGNORE_LABEL where padded)
 
 
 def _bernoulli(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -123,7 +125,7 @@ def run_rollout(
         # a single point is ambiguous: 3 outputs; anything more decides the object: 1 output
         single_point = (labels >= 0).sum(1) == 1
         logits, iou_pred = _decode(sam, embeddings, image_index, coords, labels, mask_input, has_mask, single_point)
-        on_iteration(IterationOutput(logits, iou_pred, step, 1 + clicks.shape[1]))
+        on_iteration(IterationOutput(logits, iou_pred, step, 1 + clicks.shape[1], coords, labels))
         best = iou_pred.detach().argmax(dim=1)
         chosen = logits.detach()[torch.arange(n, device=device), best]  # N x h x w
         previous_mask = chosen > sam.mask_threshold
