@@ -123,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         sam,
         optim=_dataclass_from(OptimConfig, cfg.optim),
         rollout=_dataclass_from(RolloutConfig, cfg.prompting),
-        loss=LossWeights(),
+        loss=_dataclass_from(LossWeights, cfg.loss),
         seed=cfg.seed,
         overlay_every_n_steps=cfg.logger.log_images_every_n_steps,
     )

@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from segany_train.model.layer_norm_2d import LayerNorm2d
 from segany_train.model.vit_block import ViTBlock
@@ -42,6 +43,9 @@ class ImageEncoderViT(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.patch_size = patch_size
+        # Recompute each block's activations in backward instead of keeping them (a memory/compute
+        # trade for training at 1024 px); a runtime switch, not part of the architecture.
+        self.activation_checkpointing = False
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim)) if use_abs_pos else None
@@ -71,5 +75,8 @@ class ImageEncoderViT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.neck(x.permute(0, 3, 1, 2))  # B x out_chans x h x w

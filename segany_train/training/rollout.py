@@ -106,8 +106,12 @@ def run_rollout(
         image_size=(sam.image_encoder.img_size, sam.image_encoder.img_size),
     )
     corner_coords, corner_labels = box_to_points(boxes)
+    # prompting returns pixel centres as continuous coordinates ((col + 0.5) * scale); the prompt
+    # encoder takes pixel indices and adds the half pixel itself
+    points = points - 0.5
     if cfg.click_mode == "center":  # evaluation: the first click is the GT's most interior point
         points, _, _ = center_correction_clicks(torch.zeros_like(gt), gt, scale=scale)
+        points = points - 0.5
     clicks = torch.empty(n, 0, 2, device=device)
     click_labels = torch.empty(n, 0, dtype=torch.long, device=device)
     mask_input: torch.Tensor | None = None
@@ -134,9 +138,10 @@ def run_rollout(
 
 
 def _next_click(previous_mask, gt, cfg, generator, scale):
+    """Nx2 click coordinates (pixel indices of the input frame) and N labels."""
     if cfg.click_mode == "center":
-        coords, labels, _ = center_correction_clicks(previous_mask, gt, scale=scale)
-        return coords, labels
+        coords, labels, valid = center_correction_clicks(previous_mask, gt, scale=scale)
+        return coords - 0.5, torch.where(valid, labels, torch.full_like(labels, IGNORE_LABEL))
     coords, labels, valid = sample_correction_clicks(previous_mask, gt, generator=generator, scale=scale)
     if cfg.gt_click_probability > 0:
         from_gt = _bernoulli(gt.shape[0], cfg.gt_click_probability, generator, gt.device)
@@ -145,7 +150,7 @@ def _next_click(previous_mask, gt, cfg, generator, scale):
         labels = torch.where(from_gt, torch.ones_like(labels), labels)
         valid = valid | from_gt
     # a perfect mask has no error to click on: the slot is padding, masked out of attention
-    return coords, torch.where(valid, labels, torch.full_like(labels, IGNORE_LABEL))
+    return coords - 0.5, torch.where(valid, labels, torch.full_like(labels, IGNORE_LABEL))
 
 
 def _prompt_tokens(points, use_box, use_gt_mask, corner_coords, corner_labels, clicks, click_labels):
