@@ -141,3 +141,16 @@ def test_optimiser_layer_decay_no_decay_groups_and_schedules():
     assert lr_factor(25, cfg) == pytest.approx(0.1) and lr_factor(35, cfg) == pytest.approx(0.01)
     cosine = OptimConfig(warmup_steps=0, schedule="cosine", total_steps=100)
     assert lr_factor(50, cosine) == pytest.approx(0.5) and lr_factor(100, cosine) == pytest.approx(0.0)
+
+
+def test_encoder_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    sam = randomized(build_sam(TINY)).train()
+    x = torch.randn(2, 3, 128, 128)
+    grads = []
+    for checkpointing in (False, True):
+        sam.zero_grad()
+        sam.image_encoder.activation_checkpointing = checkpointing
+        sam.image_encoder(x).square().mean().backward()
+        grads.append(sam.image_encoder.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
