@@ -23,25 +23,10 @@ class BadSample(ValueError):
     """A sample that cannot be used; the message says why (the reader counts and skips these)."""
 
 
-def annotation_from_mask(
-    mask: np.ndarray,
-    *,
-    annotation_id: int,
-    predicted_iou: float | None = None,
-    stability_score: float | None = None,
-    crop_box: list[float] | None = None,
-    point_coords: list[list[float]] | None = None,
-) -> dict[str, Any]:
-    """An SA-1B annotation for an HxW boolean mask (COCO RLE with a string `counts`)."""
+def annotation_from_mask(mask: np.ndarray, *, annotation_id: int, **metadata: Any) -> dict[str, Any]:
+    """An SA-1B annotation for an HxW boolean mask; `metadata` as for `annotation_from_rle`."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return annotation_from_rle(
-        rle,
-        annotation_id=annotation_id,
-        predicted_iou=predicted_iou,
-        stability_score=stability_score,
-        crop_box=crop_box,
-        point_coords=point_coords,
-    )
+    return annotation_from_rle(rle, annotation_id=annotation_id, **metadata)
 
 
 def annotation_from_rle(
