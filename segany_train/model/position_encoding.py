@@ -27,10 +27,11 @@ class PositionEmbeddingRandom(nn.Module):
 
         Cached: it depends only on the grid size and the (never trained) Gaussian matrix, and the
         decoder asks for it on every prompt. The key includes the buffer's version counter, so loading
-        a state dict (an in-place copy) invalidates it.
+        a state dict (an in-place copy) invalidates it, and inference mode, whose tensors autograd
+        refuses to save (Lightning validates under inference mode between training steps).
         """
         g = self.positional_encoding_gaussian_matrix
-        key = (tuple(size), g.device, g.dtype, g.data_ptr(), g._version)
+        key = (tuple(size), g.device, g.dtype, g.data_ptr(), g._version, torch.is_inference_mode_enabled())
         if self._grid_cache is not None and self._grid_cache[0] == key:
             return self._grid_cache[1]
         h, w = size
