@@ -55,7 +55,13 @@ def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     if data_cfg.get("synthetic"):
         syn = data_cfg.synthetic
         write_synthetic_corpus(
-            syn.directory, num_images=syn.num_images, seed=syn.seed, size=syn.size, images_per_shard=syn.images_per_shard
+            syn.directory,
+            num_images=syn.num_images,
+            seed=syn.seed,
+            size=syn.size,
+            images_per_shard=syn.images_per_shard,
+            min_objects=syn.min_objects,
+            max_objects=syn.max_objects,
         )
     image_size = data_cfg.image_size or sam.image_encoder.img_size
     sample = SampleConfig(
