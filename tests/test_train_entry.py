@@ -22,7 +22,9 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.y
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_corpus(directory, num_images=16, size=128, images_per_shard=2, progress=False)
+    write_synthetic_corpus(
+        directory, num_images=16, size=128, images_per_shard=2, min_objects=3, max_objects=8, progress=False
+    )
     return directory
 
 
@@ -34,6 +36,8 @@ def _shrunk(corpus: Path, run_dir: Path) -> list[str]:
         "data.synthetic.num_images=16",
         "data.synthetic.size=128",
         "data.synthetic.images_per_shard=2",
+        "data.synthetic.min_objects=3",
+        "data.synthetic.max_objects=8",
         "data.num_workers=0",
         "data.max_masks=4",
         "prompting.num_iterations=3",
