@@ -8,7 +8,6 @@ pycocotools, torch resizing), and (c) the floor: only the reduced-scale JPEG dec
 import argparse
 import json
 import sys
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -91,7 +90,6 @@ def main() -> None:
     rates = {}
     for name, fn in (("ours", ours), ("naive", naive), ("floor", floor)):
         rng = np.random.default_rng(0)
-        start = time.perf_counter()
         seconds = median_seconds(lambda: [fn(r, cfg, rng) for r in raws], args.repeats) / len(raws)
         rates[name] = 1.0 / seconds
         print(f"{name:>6}: {rates[name]:6.2f} samples/s ({1000 * seconds:6.1f} ms per sample)", flush=True)

@@ -119,6 +119,7 @@ def run_rollout(
         gt_logits = (gt.float() * 2 - 1)[:, None] * 10.0  # a confident mask prompt
         mask_input = torch.where(use_gt_mask.view(-1, 1, 1, 1), gt_logits, torch.zeros_like(gt_logits))
     has_mask = use_gt_mask.clone()
+    previous_mask = torch.zeros_like(gt)  # the prediction the next click corrects
     schedule = [True] + iteration_schedule(cfg, generator)
     for step, adds_click in enumerate(schedule):
         if step > 0 and adds_click:
