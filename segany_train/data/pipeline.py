@@ -67,7 +67,8 @@ class SkipLog:
 
 def _tar_error_handler(error: Exception) -> bool:
     """webdataset handler: count a corrupt or truncated shard member and go on (never crash, never hang)."""
-    SkipLog.record("corrupt_shard", getattr(error, "args", ["?"])[-1] if error.args else "?", repr(error))
+    # webdataset appends the stream and the shard URL to the exception's args
+    SkipLog.record("corrupt_shard", str(error.args[-1]) if error.args else "?", repr(error))
     return True
 
 
