@@ -1,11 +1,13 @@
 """Training pieces: the rollout schedule, SAM's loss on a hand-computed case, LoRA, export, optimiser."""
 
 import math
+from dataclasses import asdict
 
 import pytest
+
 import torch
 
-from segany_train.model import build_sam
+from segany_train.model import SAM_CONFIGS, build_sam, build_sam_by_name, build_sam_from_checkpoint
 from segany_train.model.checkpoint import save_official_checkpoint
 from segany_train.model.lora import LoRALinear, add_lora_to_encoder_attention, merge_lora
 from segany_train.training.losses import LossWeights, dice_loss, focal_loss, sam_loss
@@ -121,6 +123,31 @@ def test_export_merges_lora_and_reloads_strictly(tmp_path):
     assert set(saved) == set(build_sam(TINY).state_dict())  # official key names, nothing else
     reloaded = build_sam(TINY, checkpoint=path).eval()
     assert torch.allclose(reloaded.image_encoder(x), expected, atol=1e-5)
+
+
+def test_checkpoint_of_a_lora_run_loads_with_adapters_merged(tmp_path):
+    """A Lightning-style checkpoint of a LoRA model (prefixed keys, adapters unmerged) builds the
+    merged model directly: its size from the shapes, the adapters folded into plain weights."""
+    torch.manual_seed(0)
+    sam = randomized(build_sam(TINY)).eval()
+    add_lora_to_encoder_attention(sam.image_encoder, rank=2, alpha=3.0)
+    with torch.no_grad():
+        for block in sam.image_encoder.blocks:
+            block.attn.qkv.lora_b.normal_(std=0.5)
+    x = torch.randn(1, 3, 128, 128)
+    expected = sam.image_encoder(x)
+    state_dict = {f"sam.{k}": v for k, v in sam.state_dict().items()}
+    torch.save({"state_dict": state_dict, "hyper_parameters": {"sam": asdict(TINY)}}, tmp_path / "last.ckpt")
+    loaded = build_sam_from_checkpoint(tmp_path / "last.ckpt").eval()
+    assert loaded.config == sam.config  # decoder heads (invisible in the shapes) from the saved config
+    assert not any(isinstance(m, LoRALinear) for m in loaded.modules())
+    assert torch.allclose(loaded.image_encoder(x), expected, atol=1e-5)
+
+
+def test_official_format_checkpoint_builds_the_registry_size_it_matches(tmp_path):
+    sam = build_sam_by_name("vit_t_256_small_decoder")  # 4 decoder heads: not visible in the shapes
+    loaded = build_sam_from_checkpoint(save_official_checkpoint(sam, tmp_path / "small.pth"))
+    assert loaded.config == SAM_CONFIGS["vit_t_256_small_decoder"]
 
 
 def test_optimiser_layer_decay_no_decay_groups_and_schedules():

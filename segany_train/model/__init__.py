@@ -1,6 +1,6 @@
 """SAM as plain PyTorch modules: no Lightning or Hydra here."""
 
-from segany_train.model.build_sam import build_sam, build_sam_by_name, sam_model_registry
+from segany_train.model.build_sam import build_sam, build_sam_by_name, build_sam_from_checkpoint, sam_model_registry
 from segany_train.model.checkpoint import SamCheckpointError, load_sam_checkpoint, read_state_dict
 from segany_train.model.image_encoder import ImageEncoderViT
 from segany_train.model.mask_decoder import MaskDecoder
@@ -21,6 +21,7 @@ __all__ = [
     "TwoWayTransformer",
     "build_sam",
     "build_sam_by_name",
+    "build_sam_from_checkpoint",
     "load_sam_checkpoint",
     "pad_point_prompts",
     "read_state_dict",

@@ -5,14 +5,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from segany_train.model.checkpoint import load_sam_checkpoint
+from segany_train.model.checkpoint import infer_config, load_checkpoint_file, load_sam_checkpoint, read_state_dict
 from segany_train.model.image_encoder import ImageEncoderViT
 from segany_train.model.mask_decoder import MaskDecoder
 from segany_train.model.prompt_encoder import PromptEncoder
 from segany_train.model.sam import Sam
 from segany_train.model.sam_config import SAM_CONFIGS, SamConfig
 from segany_train.model.two_way_transformer import TwoWayTransformer
-
 
 
 def build_sam(config: SamConfig, checkpoint: str | Path | dict[str, Any] | None = None) -> Sam:
@@ -62,6 +61,25 @@ def build_sam_by_name(name: str, checkpoint: str | Path | dict[str, Any] | None 
     if name not in SAM_CONFIGS:
         raise KeyError(f"unknown SAM size {name!r}; known: {', '.join(SAM_CONFIGS)}")
     return build_sam(replace(SAM_CONFIGS[name], **overrides), checkpoint)
+
+
+def build_sam_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> Sam:
+    """Builds the Sam a checkpoint holds (official `.pth`, or a segany-train `.ckpt` with any LoRA
+    merged). The size comes from the training run's saved config when there is one, else from the
+    weights' shapes; numbers shapes do not show (decoder heads) from the registry size they match."""
+    source = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(Path(checkpoint))
+    state_dict = read_state_dict(source)
+    saved = (source.get("hyper_parameters") or {}).get("sam")
+    if saved:
+        config = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        return build_sam(replace(config, encoder_drop_path_rate=0.0), state_dict)
+    config = infer_config(state_dict, like=SAM_CONFIGS["vit_b"])
+    for known in SAM_CONFIGS.values():
+        candidate = infer_config(state_dict, like=known)
+        if candidate == replace(known, image_size=candidate.image_size):
+            config = candidate
+            break
+    return build_sam(config, state_dict)
 
 
 # Official-style registry: sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth").

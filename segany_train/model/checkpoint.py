@@ -26,7 +26,7 @@ def read_state_dict(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.
     Accepts a bare state dict (official `.pth`), `{"model": sd}`, `{"state_dict": sd}` (Lightning; keys
     of non-SAM submodules are dropped), and keys prefixed by `module.` (DDP) or a submodule name.
     """
-    source = checkpoint if isinstance(checkpoint, dict) else _load_file(Path(checkpoint))
+    source = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(Path(checkpoint))
     for wrapper in ("state_dict", "model"):
         if isinstance(source.get(wrapper), dict):
             source = source[wrapper]
@@ -38,12 +38,30 @@ def read_state_dict(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.
     if len(prefixes) > 1:
         raise SamCheckpointError(f"checkpoint holds SAM weights under several prefixes: {sorted(prefixes)}")
     prefix = prefixes.pop()
-    if not prefix:
-        return dict(source)
-    return {key[len(prefix):]: value for key, value in source.items() if key.startswith(prefix) and key[len(prefix):].startswith(SAM_MODULES)}
+    weights = {key[len(prefix):]: value for key, value in source.items() if key.startswith(prefix) and key[len(prefix):].startswith(SAM_MODULES)}
+    return _merge_lora_weights(weights)
 
 
-def _load_file(path: Path) -> dict[str, Any]:
+def _merge_lora_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Folds LoRA adapters (`X.base.weight`, `X.lora_a`, `X.lora_b`, `X.scale`) into plain `X.weight`,
+    so that a checkpoint of a LoRA fine-tuning run loads like any other."""
+    merged = dict(sd)
+    for key in [k for k in sd if k.endswith(".lora_a")]:
+        layer = key[: -len(".lora_a")]
+        try:
+            a, b, scale = sd[key], sd[f"{layer}.lora_b"], sd[f"{layer}.scale"]
+            merged[f"{layer}.weight"] = sd[f"{layer}.base.weight"] + scale * b @ a
+        except KeyError as missing:
+            raise SamCheckpointError(f"incomplete LoRA adapter at {layer}: key {missing} is missing") from None
+        if f"{layer}.base.bias" in sd:
+            merged[f"{layer}.bias"] = sd[f"{layer}.base.bias"]
+        for part in (".lora_a", ".lora_b", ".scale", ".base.weight", ".base.bias"):
+            merged.pop(layer + part, None)
+    return merged
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """The dict a checkpoint file holds, on the CPU."""
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
     try:

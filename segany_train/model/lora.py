@@ -13,7 +13,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
-        self.scale = alpha / rank
+        # a buffer, so that a checkpoint of the adapted model says how to merge it (read_state_dict)
+        self.register_buffer("scale", torch.tensor(float(alpha) / rank))
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
