@@ -10,9 +10,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from segany_train.model import Sam
-from segany_train.training.losses import IterationLoss, LossWeights, mask_iou, sam_loss
+from segany_train.training.losses import IterationLoss, LossWeights, sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer
-from segany_train.training.rollout import IterationOutput, RolloutConfig, run_rollout
+from segany_train.training.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
 
 # the evaluation protocol: first click at the GT's most interior point, then 8 center clicks
 EVAL_ROLLOUT = RolloutConfig(num_iterations=9, num_correction_clicks=8, box_probability=0.0, click_mode="center")
@@ -164,16 +164,8 @@ class SamTrainingModule(L.LightningModule):
     def interactive_miou(self, batch: dict, rollout: RolloutConfig = EVAL_ROLLOUT) -> dict[int, torch.Tensor]:
         """Per-mask IoU after k interactions under the evaluation protocol: {k: N}."""
         embeddings = self.sam.image_encoder(normalize_images(self.sam, batch["image"], batch["input_size"]))
-        gt = batch["masks"]
-        ious: dict[int, torch.Tensor] = {}
-
-        def on_iteration(out: IterationOutput) -> None:
-            best = out.iou_pred.argmax(dim=1)  # the mask a user would be shown
-            chosen = out.logits[torch.arange(gt.shape[0], device=gt.device), best][:, None]
-            ious[out.interactions] = mask_iou(chosen, gt)[:, 0]
-
-        run_rollout(self.sam, embeddings, gt, batch["image_index"], rollout, on_iteration, self._generator())
-        return ious
+        ious = interactive_ious(self.sam, embeddings, batch["masks"], batch["image_index"], rollout, generator=self._generator())
+        return {k: v.shown for k, v in ious.items()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ious = self.interactive_miou(batch, self.eval_rollout)

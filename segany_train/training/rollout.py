@@ -10,11 +10,13 @@ between iterations.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from segany_train.model import IGNORE_LABEL, Sam
 from segany_train.model.prompt_encoder import NOT_A_POINT
+from segany_train.training.losses import mask_iou
 from segany_train.prompting import (
     box_to_points,
     boxes_from_masks,
@@ -87,11 +89,16 @@ def run_rollout(
     cfg: RolloutConfig,
     on_iteration: Callable[[IterationOutput], None],
     generator: torch.Generator | None = None,
+    *,
+    valid: torch.Tensor | None = None,
 ) -> None:
     """Runs the rollout for N GT masks (NxMxM bool at the decoder's low-res size) on B embeddings.
 
     `on_iteration` receives each iteration's outputs (with gradients) as soon as they exist, so a
     caller can compute and backpropagate the loss before the next iteration builds its graph.
+    `valid` (NxMxM bool, optional) is the part of each mask's frame that holds the image: the
+    prediction a click corrects is cleared outside it, since a user never sees the padding (the
+    predictor crops it away), so no click lands there.
     """
     n, device = gt.shape[0], gt.device
     scale = sam.image_encoder.img_size / gt.shape[-1]  # low-res mask pixel -> input pixels
@@ -134,8 +141,46 @@ def run_rollout(
         best = iou_pred.detach().argmax(dim=1)
         chosen = logits.detach()[torch.arange(n, device=device), best]  # N x h x w
         previous_mask = chosen > sam.mask_threshold
+        if valid is not None:
+            previous_mask &= valid
         if cfg.mask_feedback:
             mask_input, has_mask = chosen[:, None], torch.ones(n, dtype=torch.bool, device=device)
+
+
+class ClickIoU(NamedTuple):
+    """IoU with the GT after one interaction, per mask (N each)."""
+
+    shown: torch.Tensor  # the output with the highest predicted IoU: what a user is shown
+    oracle: torch.Tensor  # the best output; equals `shown` where the prompt gives a single output
+
+
+@torch.no_grad()
+def interactive_ious(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    gt: torch.Tensor,
+    image_index: torch.Tensor,
+    cfg: RolloutConfig,
+    *,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[int, ClickIoU]:
+    """Per-mask IoU after k interactions, {k: ClickIoU}, for N GT masks (NxMxM bool, low-res).
+
+    With `valid` (NxMxM bool), predictions outside it (the padding) are cleared before the IoU and
+    before a click is placed. Without refinement iterations (the evaluation protocol) k runs over
+    1..num_iterations; otherwise an interaction count's last iteration is the one kept.
+    """
+    ious: dict[int, ClickIoU] = {}
+
+    def on_iteration(out: IterationOutput) -> None:
+        logits = out.logits if valid is None else out.logits.masked_fill(~valid[:, None], float("-inf"))
+        per_output = mask_iou(logits, gt, sam.mask_threshold)  # N x 3
+        best = out.iou_pred.argmax(dim=1)
+        ious[out.interactions] = ClickIoU(per_output.gather(1, best[:, None])[:, 0], per_output.amax(dim=1))
+
+    run_rollout(sam, embeddings, gt, image_index, cfg, on_iteration, generator, valid=valid)
+    return ious
 
 
 def _next_click(previous_mask, gt, cfg, generator, scale):
