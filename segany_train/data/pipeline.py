@@ -93,6 +93,19 @@ def _decode_stage(cfg: SampleConfig, seed: int):
     return stage
 
 
+def read_records(urls: list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """(key, JPEG bytes, record) of every sample of the shards, in order, in this process.
+
+    For inference and evaluation at full resolution. Bad samples and corrupt shard members are
+    skipped and counted in `SkipLog` (read the counts with `SkipLog.take()`).
+    """
+    for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=_tar_error_handler)):
+        try:
+            yield decode_sample(raw)
+        except BadSample as error:
+            SkipLog.record("bad_sample", f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", str(error))
+
+
 def training_pipeline(
     urls: list[str],
     cfg: SampleConfig,
@@ -145,5 +158,6 @@ def collate_training_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image_index": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         "input_size": torch.tensor([s["input_size"] for s in samples]),
         "original_size": torch.tensor([s["original_size"] for s in samples]),
+        "num_annotations": torch.tensor([s["num_annotations"] for s in samples]),
         "skipped": dict(skipped),
     }

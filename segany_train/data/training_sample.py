@@ -112,7 +112,8 @@ def build_training_sample(
     """A training sample, or BadSample naming what makes the record unusable.
 
     Returns key, image (3xSxS uint8), masks (KxMxM bool), boxes (Kx4 float, XYXY input pixels),
-    annotation_ids (K), input_size (h, w of the image inside the padding), original_size (H, W).
+    annotation_ids (K), input_size (h, w of the image inside the padding), original_size (H, W),
+    num_annotations (the record's annotation count, so a caller can count the masks left out).
     """
     height, width = record["image"]["height"], record["image"]["width"]
     actual = jpeg_size(jpeg)
@@ -138,4 +139,5 @@ def build_training_sample(
         "annotation_ids": torch.tensor([a["id"] for a, v in zip(anns, visible) if v], dtype=torch.long),
         "input_size": input_size,
         "original_size": (height, width),
+        "num_annotations": len(record["annotations"]),
     }
