@@ -43,18 +43,18 @@ def example_inputs(sam: Sam, *, num_points: int = 5, seed: int = 0) -> dict[str,
 def onnx_module(
     sam: Sam, *, return_single_mask: bool, use_stability_score: bool = False, gelu_approximate: bool = False
 ) -> SamOnnxModel:
-    """The module that is exported, on the CPU in float32 and eval mode.
+    """The module that is exported: a copy of the prompt encoder and mask decoder (small next to the
+    image encoder), on the CPU in float32 and eval mode, so that `sam` itself is left as it was.
 
-    gelu_approximate: GELU as its tanh approximation (for runtimes with a slow or missing erf), on a
-    copy of the decoder so that `sam` itself is left unchanged.
+    gelu_approximate: GELU as its tanh approximation (for runtimes with a slow or missing erf).
     """
     model = SamOnnxModel(sam, return_single_mask=return_single_mask, use_stability_score=use_stability_score)
+    model = copy.deepcopy(model).cpu().float().eval()
     if gelu_approximate:
-        model = copy.deepcopy(model)
         for module in model.modules():
             if isinstance(module, torch.nn.GELU):
                 module.approximate = "tanh"
-    return model.cpu().float().eval()
+    return model
 
 
 def export_onnx(

@@ -45,7 +45,9 @@ class SamOnnxModel(nn.Module):
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return has * self.prompt_encoder.embed_masks(mask_input) + (1 - has) * no_mask
 
-    def decode_all_tokens(self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_all_tokens(
+        self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """1xCxhxw embeddings, 1xTxC sparse and 1xCxhxw dense prompts -> logits 1xMx4hx4w, IoU 1xM for
         every mask token."""
         decoder = self.mask_decoder
@@ -67,7 +69,9 @@ class SamOnnxModel(nn.Module):
         return high / low
 
     @staticmethod
-    def select_single_mask(masks: torch.Tensor, scores: torch.Tensor, num_points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_single_mask(
+        masks: torch.Tensor, scores: torch.Tensor, num_points: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """BxMxHxW masks, BxM scores -> the chosen mask Bx1xHxW and its score Bx1.
 
         With more than 2 points (a point and its pad, or a box, count 2) token 0, else the best

@@ -192,9 +192,14 @@ def test_stability_score_replaces_iou(sam, predictor, tmp_path):
 
 
 def test_gelu_approximate_leaves_the_model_alone(sam, predictor, ort_session, tmp_path):
-    sess = session(export_onnx(sam, tmp_path / "tanh.onnx", gelu_approximate=True))
+    sam.train()
+    try:
+        sess = session(export_onnx(sam, tmp_path / "tanh.onnx", gelu_approximate=True))
+        assert sam.mask_decoder.training  # exported from a copy: the model keeps its mode...
+    finally:
+        sam.eval()
     gelus = [m for m in sam.modules() if isinstance(m, torch.nn.GELU)]
-    assert gelus and all(m.approximate == "none" for m in gelus)
+    assert gelus and all(m.approximate == "none" for m in gelus)  # ...and its exact GELU
     prompt = ([[40, 50], [0, 0]], [1, -1])
     approx, exact = run(sess, predictor.features, *prompt)[2], run(ort_session, predictor.features, *prompt)[2]
     assert 0 < np.abs(approx - exact).max() < 0.05 * np.abs(exact).max()
