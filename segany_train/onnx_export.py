@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     path = export_onnx(sam, args.output, opset=args.opset, **options)
     diffs = check_with_onnxruntime(sam, path, **options)
-    print(f"wrote {path}; ONNX Runtime vs PyTorch, max |difference|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    summary = ", ".join(f"{name} {diff:.1e}" for name, diff in diffs.items())
+    print(f"wrote {path}; ONNX Runtime vs PyTorch, max |difference|: {summary}")
     if args.quantize_out:
         print(f"wrote {quantize_onnx(path, args.quantize_out)} (dynamic int8 quantisation)")
 

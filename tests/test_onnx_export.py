@@ -150,7 +150,11 @@ def test_number_of_points_is_dynamic(ort_session, sam, predictor, num_points):
     for multimask, tokens in ((True, slice(1, 4)), (False, slice(0, 1))):
         with torch.no_grad():
             low, iou = sam.decode(
-                predictor.features, image_index=None, point_coords=coords, point_labels=labels, multimask_output=multimask
+                predictor.features,
+                image_index=None,
+                point_coords=coords,
+                point_labels=labels,
+                multimask_output=multimask,
             )
             masks = sam.postprocess_masks(low, predictor.input_size, ORIGINAL_SIZE)
         assert_close(onnx, (masks.numpy(), iou.numpy(), low.numpy()), tokens)
