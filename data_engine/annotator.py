@@ -177,8 +177,8 @@ class TimeModel:
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two HxW bool masks (1.0 when both are empty)."""
-    union = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / union if union else 1.0
+    union = int(np.count_nonzero(a | b))
+    return int(np.count_nonzero(a & b)) / union if union else 1.0
 
 
 def correction_click(pred: np.ndarray, gt: np.ndarray) -> Click | None:
@@ -276,8 +276,8 @@ class SimulatedAnnotator:
             if m.shape != size or m.dtype != bool:
                 raise ValueError(f"prefilled mask {k} must be {size[0]}x{size[1]} bool, got {m.dtype} {m.shape}")
 
-        result = ImageAnnotation()
-        done = self._match_prefilled(prefilled, result)
+        accepted, done = self._match_prefilled(prefilled)
+        result = ImageAnnotation(accepted_prefilled=accepted)
         todo = [k for k in self._prominence_order() if k not in done]
         if todo:
             self.predictor.set_image(image)
@@ -296,29 +296,30 @@ class SimulatedAnnotator:
         labelled = [k for k, area in enumerate(areas) if area >= max(self.min_area, 1)]
         return sorted(labelled, key=lambda k: -areas[k])
 
-    def _match_prefilled(self, prefilled: list[np.ndarray], result: ImageAnnotation) -> set[int]:
-        """Accepts prefilled masks that match a GT object; returns the GT objects they cover.
+    def _match_prefilled(self, prefilled: list[np.ndarray]) -> tuple[list[int], set[int]]:
+        """(indices of the prefilled masks accepted, sorted; the GT objects they cover).
 
-        Greedy one-to-one matching, highest IoU first, so a duplicate prefilled mask of an object
-        is not accepted twice.
+        Greedy one-to-one matching, highest IoU first: a duplicate prefilled mask of an object is
+        not accepted twice, and one prefilled mask does not cover both a whole and a part that is
+        nearly all of it.
         """
         if not prefilled or not self.gt_masks:
-            return set()
+            return [], set()
         p = np.stack(prefilled).reshape(len(prefilled), -1).astype(np.float32)
         g = np.stack(self.gt_masks).reshape(len(self.gt_masks), -1).astype(np.float32)
         intersection = p @ g.T
         union = p.sum(1)[:, None] + g.sum(1)[None, :] - intersection
         iou = np.divide(intersection, union, out=np.zeros_like(union), where=union > 0)
+        accepted: set[int] = set()
         done: set[int] = set()
         for flat in np.argsort(-iou, axis=None, kind="stable"):
             i, j = divmod(int(flat), len(self.gt_masks))
             if iou[i, j] < self.prefilled_iou:
                 break
-            if i not in result.accepted_prefilled and j not in done:
-                result.accepted_prefilled.append(i)
+            if i not in accepted and j not in done:
+                accepted.add(i)
                 done.add(j)
-        result.accepted_prefilled.sort()
-        return done
+        return sorted(accepted), done
 
     def _annotate_object(self, gt_index: int) -> tuple[np.ndarray, MaskRecord]:
         """Clicks until the target IoU, the click budget or the time limit; then brush if needed."""
@@ -348,7 +349,7 @@ class SimulatedAnnotator:
             if iou >= self.target_iou:
                 break
         strokes = 0
-        if mask_iou(mask, gt) < self.target_iou:
+        if iou < self.target_iou:  # clicks did not get there: brush/eraser the rest to the GT
             strokes = tm.brush_strokes(int(np.count_nonzero(gt & ~mask)), int(np.count_nonzero(mask & ~gt)))
             seconds += strokes * tm.brush_stroke_seconds
             mask = gt.copy()

@@ -277,6 +277,15 @@ def test_prefilled_masks_matching_gt_are_accepted_and_not_annotated():
     assert predictor.images_set == 1  # nothing left to label: the image is not even embedded
 
 
+def test_one_prefilled_mask_covers_one_object_only():
+    whole = rect(10, 30, 10, 30)
+    part = whole & ~rect(10, 11, 10, 30)  # a part nearly as large as the whole (IoU 0.95)
+    predictor = ScriptedPredictor(answer(part))
+    result = SimulatedAnnotator(predictor, [whole, part]).annotate(IMAGE, [whole])
+    assert result.accepted_prefilled == [0]
+    assert [r.gt_index for r in result.records] == [1]  # the part is still labelled
+
+
 def test_bad_input_is_rejected():
     gt = rect(0, 10, 0, 10)
     annotator = SimulatedAnnotator(ScriptedPredictor(answer(gt)), [gt])
