@@ -1,0 +1,65 @@
+"""Automatic-mask evaluation: the generator on every image of SA-1B shards, scored with COCO AP."""
+
+from collections import Counter
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
+from segany_train.data.pipeline import SkipLog, read_records
+from segany_train.data.sa1b import BadSample
+from segany_train.evaluation.coco_ap import coco_mask_ap
+
+
+class MaskGenerator(Protocol):
+    """What the evaluation needs of `SamAutomaticMaskGenerator`: generate(HxWx3 uint8) -> records."""
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]: ...
+
+
+def decode_record_image(jpeg: bytes, record: dict[str, Any]) -> np.ndarray:
+    """The full-resolution HxWx3 uint8 RGB image of an SA-1B sample; BadSample if it is undecodable
+    or its size differs from the record's."""
+    height, width = record["image"]["height"], record["image"]["width"]
+    actual = jpeg_size(jpeg)
+    if actual != (height, width):
+        raise BadSample(f"JSON says {height}x{width} but the image is {actual[0]}x{actual[1]}")
+    return decode_jpeg_resized(jpeg, height, width)
+
+
+def evaluate_automatic_masks(
+    generator: MaskGenerator, urls: list[str], *, max_images: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Generates masks for every image of the shards (in order, at full resolution) and scores them.
+
+    Returns stats (COCO's twelve, see `coco_ap.STAT_NAMES`), images, images_skipped ({reason: n}),
+    gt_masks and predicted_masks (totals over the evaluated images).
+    """
+    SkipLog.take()  # forget skips of earlier readers in this process
+    skipped: Counter = Counter()
+    gt_records: list[dict[str, Any]] = []
+    predictions: list[list[dict[str, Any]]] = []
+    bar = tqdm(total=max_images, desc="automatic masks", unit="img", disable=not progress)
+    records = read_records(urls) if max_images is None or max_images > 0 else iter(())
+    for key, jpeg, record in records:
+        try:
+            image = decode_record_image(jpeg, record)
+        except BadSample as error:
+            SkipLog.record("bad_sample", key, str(error))
+            continue
+        gt_records.append({"image": record["image"], "annotations": record["annotations"]})
+        # keep only what the score needs: the generator's records may hold full-size binary masks
+        predictions.append([{"segmentation": m["segmentation"], "predicted_iou": m["predicted_iou"]} for m in generator.generate(image)])
+        bar.update(1)
+        if max_images is not None and len(gt_records) >= max_images:
+            break
+    bar.close()
+    skipped.update(SkipLog.take())
+    return {
+        "stats": coco_mask_ap(gt_records, predictions),
+        "images": len(gt_records),
+        "images_skipped": dict(skipped),
+        "gt_masks": sum(len(r["annotations"]) for r in gt_records),
+        "predicted_masks": sum(len(p) for p in predictions),
+    }

@@ -1,0 +1,99 @@
+"""COCO mask AP/AR of automatic masks against SA-1B ground truth, class-agnostic, via pycocotools.
+
+Every GT mask and every predicted mask gets category 1 ("object"); a prediction's score is its
+predicted IoU. The numbers are `pycocotools.cocoeval.COCOeval(iouType="segm")`'s own twelve stats.
+"""
+
+import contextlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+OBJECT_CATEGORY = 1
+# COCOeval.stats in order; AP and the size-range stats count the 100 best-scored masks per image
+# (COCOeval's default limits, which its summary hard-codes for the first AP: kept as they are)
+STAT_NAMES = (
+    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+    "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large",
+)  # fmt: skip
+
+
+def to_coco_rle(segmentation: Any) -> dict[str, Any]:
+    """A compressed COCO RLE (bytes counts) from a compressed RLE (str or bytes counts), an
+    uncompressed RLE (counts a list of run lengths) or an HxW binary mask."""
+    if isinstance(segmentation, np.ndarray):
+        if segmentation.ndim != 2:
+            raise ValueError(f"a binary mask must be HxW, got shape {segmentation.shape}")
+        return mask_utils.encode(np.asfortranarray(segmentation.astype(np.uint8)))
+    if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
+        raise ValueError("segmentation must be a binary mask or an RLE dict with 'size' and 'counts'")
+    h, w = (int(v) for v in segmentation["size"])
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def _image_entries(gt_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    # image ids are positions in the list: records from different sources may repeat an image_id
+    return [
+        {"id": i, "height": r["image"]["height"], "width": r["image"]["width"]} for i, r in enumerate(gt_records)
+    ]
+
+
+def _coco(images: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> COCO:
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": OBJECT_CATEGORY, "name": "object"}]}
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+        coco.createIndex()
+    return coco
+
+
+def _annotation(rle: dict[str, Any], ann_id: int, image_id: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": OBJECT_CATEGORY,
+        "segmentation": rle,
+        "area": float(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": 0,
+        **extra,
+    }
+
+
+def coco_mask_ap(
+    gt_records: Sequence[dict[str, Any]],
+    predictions: Sequence[Sequence[dict[str, Any]]],
+) -> dict[str, float]:
+    """The twelve COCO segm stats, by name (`STAT_NAMES`), of predicted masks against GT.
+
+    gt_records: one SA-1B record per image ({"image": {height, width, ...}, "annotations": [...]}).
+    predictions[i]: image i's masks, each a dict with "segmentation" (see `to_coco_rle`) and
+    "predicted_iou" (the score), as `SamAutomaticMaskGenerator.generate` returns them. A stat with
+    no GT in its range is -1, as COCOeval reports it.
+    """
+    if len(gt_records) != len(predictions):
+        raise ValueError(f"{len(gt_records)} GT records but predictions for {len(predictions)} images")
+    images = _image_entries(gt_records)
+    gt_anns, dt_anns = [], []
+    for i, (record, masks) in enumerate(zip(gt_records, predictions)):
+        size = [record["image"]["height"], record["image"]["width"]]
+        for ann in record["annotations"]:
+            gt_anns.append(_annotation(to_coco_rle(ann["segmentation"]), len(gt_anns) + 1, i))
+        for mask in masks:
+            rle = to_coco_rle(mask["segmentation"])
+            if list(rle["size"]) != size:
+                raise ValueError(f"image {i}: a predicted mask is {rle['size']} but the image is {size}")
+            dt_anns.append(_annotation(rle, len(dt_anns) + 1, i, score=float(mask["predicted_iou"])))
+    evaluator = COCOeval(_coco(images, gt_anns), _coco(images, dt_anns), iouType="segm")
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its tables
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))

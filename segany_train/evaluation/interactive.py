@@ -1,0 +1,194 @@
+"""Interactive evaluation (SAM paper section 7.1): mIoU after k center clicks, oracle mIoU, NoC.
+
+Every GT mask of every image is segmented with simulated clicks: the first at the GT's most interior
+point, each next at the deepest point of the largest error region between the shown mask and the GT
+(foreground in a false negative, background in a false positive), the previous logits fed back as
+the mask prompt. This is `RolloutConfig(click_mode="center")` of the training rollout, so training
+validation and this evaluation run the same protocol.
+
+IoU is measured in the decoder's low-resolution frame (image_size / 4 per side, 256 for SAM) against
+the GT sampled to it by nearest neighbour, inside the image (the padding is cleared): the masks the
+rollout works on. Full-resolution IoU would upsample the logits first; small objects can differ.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from segany_train.data.pipeline import SkipLog, collate_training_samples, training_pipeline
+from segany_train.data.training_sample import SampleConfig
+from segany_train.model import Sam
+from segany_train.training.module import normalize_images
+from segany_train.training.rollout import RolloutConfig, interactive_ious
+from segany_train.transforms import ResizeLongestSide
+
+REPORT_CLICKS = (1, 2, 3, 5, 9)
+NOC_THRESHOLDS = (0.85, 0.90)
+
+
+@dataclass(frozen=True)
+class InteractiveEvalConfig:
+    """The protocol's settings. 20 clicks is the cap of the interactive segmentation literature's NoC."""
+
+    max_clicks: int = 20
+    mask_feedback: bool = True  # feed the previous logits back as the mask prompt (as in training)
+    max_masks_per_image: int | None = None  # None: every mask; else a seeded random subset
+    max_area_fraction: float = 1.0  # masks covering more of the image are left out
+    batch_size: int = 1  # images per encoder batch
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_clicks < 1:
+            raise ValueError(f"max_clicks must be at least 1, got {self.max_clicks}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def rollout(self) -> RolloutConfig:
+        """The click schedule: the first click and max_clicks - 1 correction clicks, no refinement-only steps."""
+        return RolloutConfig(
+            num_iterations=self.max_clicks,
+            num_correction_clicks=self.max_clicks - 1,
+            box_probability=0.0,
+            click_mode="center",
+            mask_feedback=self.mask_feedback,
+        )
+
+
+def valid_regions(original_size: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """Bx2 (H, W) original sizes -> Bxmask_sizexmask_size bool: where the image lies in the padded
+    low-res frame (top-left, resized like the GT masks; the rest is padding)."""
+    out = torch.zeros(original_size.shape[0], mask_size, mask_size, dtype=torch.bool)
+    for i, (h, w) in enumerate(original_size.tolist()):
+        rows, cols = ResizeLongestSide.get_preprocess_shape(h, w, mask_size)
+        out[i, :rows, :cols] = True
+    return out
+
+
+def _no_click_reached(reached: torch.Tensor, max_clicks: int) -> torch.Tensor:
+    """NxK bool "IoU >= threshold after k clicks" -> N clicks needed (K where never reached)."""
+    first = reached.to(torch.uint8).argmax(dim=1) + 1  # argmax: the first True
+    return torch.where(reached.any(dim=1), first, torch.full_like(first, max_clicks)).float()
+
+
+def summarize_interactive(
+    shown: torch.Tensor,
+    oracle: torch.Tensor,
+    *,
+    report_clicks: tuple[int, ...] = REPORT_CLICKS,
+    noc_thresholds: tuple[float, ...] = NOC_THRESHOLDS,
+) -> dict:
+    """Aggregates per-mask IoUs (NxK each: column k-1 is the IoU after k clicks) into the report.
+
+    miou / oracle_miou: mean over masks after k clicks, for each reported k <= K. noc: mean number of
+    clicks to reach IoU >= t (a mask that never reaches it counts K, the click cap); nof: how many
+    masks never reach it. Keys of the per-threshold dicts are percentages ("85", "90"). Values are
+    None when there is no mask.
+    """
+    if shown.shape != oracle.shape or shown.dim() != 2:
+        raise ValueError(f"shown and oracle must both be NxK, got {tuple(shown.shape)} and {tuple(oracle.shape)}")
+    n, k_max = shown.shape
+
+    def mean(values: torch.Tensor) -> float | None:
+        return float(values.double().mean()) if n else None
+
+    clicks = [k for k in report_clicks if k <= k_max]
+    out: dict = {
+        "max_clicks": k_max,
+        "masks": n,
+        "miou": {str(k): mean(shown[:, k - 1]) for k in clicks},
+        "oracle_miou": {str(k): mean(oracle[:, k - 1]) for k in clicks},
+        "noc": {},
+        "nof": {},
+    }
+    for t in noc_thresholds:
+        name = f"{round(t * 100):d}"
+        reached = shown >= t
+        out["noc"][name] = mean(_no_click_reached(reached, k_max))
+        out["nof"][name] = int((~reached.any(dim=1)).sum())
+    return out
+
+
+def _first_images(batch: dict, count: int) -> dict:
+    """The batch cut to its first `count` images (and their masks)."""
+    keep = batch["image_index"] < count
+    cut = {k: batch[k][:count] for k in ("image", "input_size", "original_size", "num_annotations")}
+    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"])
+    cut.update({k: batch[k][keep] for k in ("masks", "image_index")})
+    return cut
+
+
+@torch.no_grad()
+def evaluate_interactive(
+    sam: Sam,
+    urls: list[str],
+    cfg: InteractiveEvalConfig = InteractiveEvalConfig(),
+    *,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Runs the protocol over every sample of the shards (each read once, in order).
+
+    Returns `summarize_interactive`'s report plus images (evaluated), images_skipped ({reason: n}:
+    undecodable samples, corrupt shard members, images with no usable mask), masks_in_images (GT
+    masks of the evaluated images), masks_skipped (of those, not evaluated: over max_area_fraction,
+    empty, invisible at the low-res size or beyond max_masks_per_image) and the IoU frame size.
+    """
+    sam = sam.eval()
+    device = next(sam.parameters()).device
+    img_size = sam.image_encoder.img_size
+    mask_size = sam.prompt_encoder.mask_input_size[0]
+    sample_cfg = SampleConfig(
+        image_size=img_size,
+        mask_size=mask_size,
+        max_masks=cfg.max_masks_per_image or 2**62,
+        max_area_fraction=cfg.max_area_fraction,
+    )
+    loader = DataLoader(
+        training_pipeline(urls, sample_cfg, mode="once", seed=cfg.seed),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_training_samples,
+    )
+    rollout = cfg.rollout()
+    SkipLog.take()  # forget skips of earlier readers in this process
+    skipped: Counter = Counter()
+    shown, oracle = [], []
+    images = masks_in_images = 0
+    bar = tqdm(total=max_images, desc="interactive", unit="img", disable=not progress)
+    for batch in loader if max_images is None or max_images > 0 else ():
+        if max_images is not None:
+            batch = _first_images(batch, max_images - images)
+        skipped.update(batch["skipped"])
+        gt = batch["masks"].to(device)
+        image_index = batch["image_index"].to(device)
+        embeddings = sam.image_encoder(normalize_images(sam, batch["image"].to(device), batch["input_size"].to(device)))
+        valid = valid_regions(batch["original_size"], mask_size).to(device)[image_index]
+        # center clicks are deterministic; the seeded generator keeps the rollout's unused draws off the global RNG
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        ious = interactive_ious(sam, embeddings, gt, image_index, rollout, valid=valid, generator=generator)
+        shown.append(torch.stack([ious[k].shown for k in range(1, cfg.max_clicks + 1)], dim=1).cpu())
+        oracle.append(torch.stack([ious[k].oracle for k in range(1, cfg.max_clicks + 1)], dim=1).cpu())
+        n_images = batch["image"].shape[0]
+        images += n_images
+        masks_in_images += int(batch["num_annotations"].sum())
+        bar.update(n_images)
+        if max_images is not None and images >= max_images:
+            break
+    bar.close()
+    if cfg.num_workers == 0 and (max_images is None or images < max_images):
+        skipped.update(SkipLog.take())  # skips after the last delivered sample
+    empty = torch.zeros(0, cfg.max_clicks)
+    report = summarize_interactive(torch.cat(shown) if shown else empty, torch.cat(oracle) if oracle else empty)
+    report.update(
+        images=images,
+        images_skipped=dict(skipped),
+        masks_in_images=masks_in_images,
+        masks_skipped=masks_in_images - report["masks"],
+        iou_frame=[mask_size, mask_size],
+        mask_feedback=cfg.mask_feedback,
+    )
+    return report

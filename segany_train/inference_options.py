@@ -1,0 +1,77 @@
+"""Command-line options shared by the inference commands (segany-eval, segany-amg): which model to
+run and the automatic mask generator's settings (the official generator's keyword arguments)."""
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segany_train.model import SAM_CONFIGS, Sam, build_sam_by_name, build_sam_from_checkpoint
+
+# The official SamAutomaticMaskGenerator's keyword arguments and defaults (SAM data engine stage 3).
+GENERATOR_DEFAULTS: dict[str, Any] = {
+    "points_per_side": 32,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "stability_score_offset": 1.0,
+    "box_nms_thresh": 0.7,
+    "crop_n_layers": 0,
+    "crop_nms_thresh": 0.7,
+    "crop_overlap_ratio": 512 / 1500,
+    "crop_n_points_downscale_factor": 1,
+    "min_mask_region_area": 0,
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="official SAM .pth or segany-train .ckpt; the size is read from the file unless --model-type is given",
+    )
+    group.add_argument(
+        "--model-type",
+        choices=sorted(SAM_CONFIGS),
+        help="SAM size; without --checkpoint the weights are random (for smoke tests)",
+    )
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--seed", type=int, default=0, help="seed of random weights and of sampled subsets")
+
+
+def load_model(args: argparse.Namespace) -> Sam:
+    """The Sam the model options name, in eval mode on args.device.
+
+    Raises FileNotFoundError / ValueError (SamCheckpointError) with a one-line message.
+    """
+    if args.checkpoint is None and args.model_type is None:
+        raise ValueError("give --checkpoint, --model-type (random weights), or both")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if args.checkpoint is None:
+        torch.manual_seed(args.seed)
+        sam = build_sam_by_name(args.model_type)
+    elif args.model_type is None:
+        sam = build_sam_from_checkpoint(args.checkpoint)
+    else:
+        sam = build_sam_by_name(args.model_type, args.checkpoint)
+    return sam.to(args.device).eval()
+
+
+def describe_model(args: argparse.Namespace) -> str:
+    if args.checkpoint is None:
+        return f"{args.model_type} (random weights, seed {args.seed})"
+    return str(args.checkpoint) + (f" as {args.model_type}" if args.model_type else "")
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("automatic mask generator (official defaults)")
+    for name, default in GENERATOR_DEFAULTS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, metavar=type(default).__name__.upper())
+
+
+def generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The generator keyword arguments the options set."""
+    return {name: getattr(args, name) for name in GENERATOR_DEFAULTS}
