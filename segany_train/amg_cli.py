@@ -1,0 +1,203 @@
+"""segany-amg: automatic masks for an image, a folder of images or SA-1B shards.
+
+    segany-amg photos/ --checkpoint sam_vit_h_4b8939.pth --out masks/
+    segany-amg 'shards/sa_{000000..000009}.tar' --checkpoint run.ckpt --out masks/ --shards-out new_shards/
+
+Per image, OUT/<stem>.json is its SA-1B record (masks as COCO RLE with predicted_iou,
+stability_score, point_coords and crop_box) and OUT/<stem>.png the image with the masks drawn over
+it. <stem> is the file name without its extension, or the sample key for shards. An image whose JSON
+exists is skipped (rerun to resume; --overwrite redoes it); unreadable images are skipped with a
+warning and counted. With --shards-out, every image with a JSON in OUT (done now or before) is also
+written to SA-1B shards. Pixels are used as stored (EXIF orientation is not applied), so the JSON
+matches the image bytes.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
+from segany_train.data.datamodule import count_samples
+from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
+from segany_train.data.sa1b import BadSample, sample_key
+from segany_train.data.shard_writer import SA1BShardWriter
+from segany_train.evaluation.automatic import decode_record_image
+from segany_train.inference_options import add_generator_arguments, add_model_arguments, generator_kwargs, load_model
+from segany_train.mask_overlay import render_overlay
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+JPEG_QUALITY = 95  # re-encoding non-JPEG inputs for --shards-out
+
+
+@dataclass
+class InputImage:
+    """One image to process; `pixels`/`jpeg` stay None until loaded (a file is read only when needed)."""
+
+    stem: str
+    image_id: int
+    file_name: str
+    path: Path | None = None  # a file input
+    record: dict[str, Any] | None = None  # a shard input: its SA-1B record (the image size to check)
+    jpeg: bytes | None = None
+    pixels: np.ndarray | None = None  # HxWx3 uint8
+
+
+def image_id_for(stem: str) -> int:
+    """SA-1B stems `sa_<n>` keep their id; others get a stable 48-bit id hashed from the stem, so a
+    rerun or a run over a larger folder gives an image the same id (and shard key)."""
+    match = re.fullmatch(r"sa_(\d+)", stem)
+    if match:
+        return int(match.group(1))
+    return int.from_bytes(hashlib.blake2b(stem.encode("utf-8"), digest_size=6).digest(), "big")
+
+
+def list_inputs(source: str) -> tuple[Iterator[InputImage], int | None]:
+    """The images `source` names (an image file, a folder of jpg/png files, or an SA-1B shard
+    pattern) in order, and their count when known. FileNotFoundError/ValueError on a bad source."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        stems = Counter(p.stem for p in files)
+        twice = [s for s, n in stems.items() if n > 1]
+        if twice:
+            raise ValueError(f"{source}: several images share the stem {twice[0]!r} (their outputs would collide)")
+        return (InputImage(p.stem, image_id_for(p.stem), p.name, path=p) for p in files), len(files)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return iter([InputImage(path.stem, image_id_for(path.stem), path.name, path=path)]), 1
+    if path.is_file() and path.suffix.lower() != ".tar":
+        raise ValueError(f"{source}: not a jpg/png image, a folder or an SA-1B .tar shard")
+    urls = expand_shard_patterns(source)
+    return _shard_inputs(urls), count_samples(urls)
+
+
+def _shard_inputs(urls: list[str]) -> Iterator[InputImage]:
+    for key, jpeg, record in read_records(urls):
+        image = record["image"]
+        image_id = int(image["image_id"]) if isinstance(image.get("image_id"), int) else image_id_for(key)
+        yield InputImage(key, image_id, image.get("file_name") or f"{key}.jpg", record=record, jpeg=jpeg)
+
+
+def load_pixels(item: InputImage) -> None:
+    """Fills item.pixels (and item.jpeg for JPEG files); BadSample if the image is unreadable."""
+    if item.pixels is not None:
+        return
+    if item.record is not None:
+        item.pixels = decode_record_image(item.jpeg, item.record)
+        return
+    try:
+        with Image.open(item.path) as img:
+            item.pixels = np.asarray(img.convert("RGB"))
+            item.jpeg = item.path.read_bytes() if img.format == "JPEG" else None
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise BadSample(f"unreadable image: {type(error).__name__}: {error}") from None
+
+
+def jpeg_bytes(item: InputImage) -> bytes:
+    """The image as JPEG: the file's own bytes when it is a JPEG, else re-encoded."""
+    if item.jpeg is None:
+        load_pixels(item)
+    if item.jpeg is None:
+        buffer = BytesIO()
+        Image.fromarray(item.pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        item.jpeg = buffer.getvalue()
+    return item.jpeg
+
+
+class DecodedMasks(Sequence):
+    """The masks of an SA-1B record, decoded from COCO RLE one at a time when accessed."""
+
+    def __init__(self, annotations: list[dict[str, Any]]) -> None:
+        self.annotations = annotations
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        seg = self.annotations[index]["segmentation"]
+        return mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode("ascii")}).astype(bool)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: Path) -> dict[str, Any]:
+    """Generates the masks of one image, writes <stem>.png then <stem>.json; returns the record."""
+    height, width = item.pixels.shape[:2]
+    records = generator.generate(item.pixels)
+    record = sa1b_record_from_masks(item.image_id, width, height, item.file_name, records)
+    overlay = render_overlay(item.pixels, DecodedMasks(record["annotations"]), areas=[a["area"] for a in record["annotations"]])
+    buffer = BytesIO()
+    Image.fromarray(overlay).save(buffer, format="PNG")
+    _write_atomically(out / f"{item.stem}.png", buffer.getvalue())
+    # the JSON last: its presence marks the image done
+    _write_atomically(out / f"{item.stem}.json", json.dumps(record, separators=(",", ":")).encode("utf-8"))
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segany-amg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="an image file, a folder of jpg/png images, or an SA-1B shard pattern")
+    parser.add_argument("--out", type=Path, required=True, help="directory for <stem>.json and <stem>.png")
+    parser.add_argument("--shards-out", type=Path, help="also write SA-1B shards (image + record) here")
+    parser.add_argument("--images-per-shard", type=int, default=1000)
+    parser.add_argument("--overwrite", action="store_true", help="redo images whose JSON already exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    add_generator_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        items, total = list_inputs(args.input)
+        generator = SamAutomaticMaskGenerator(load_model(args), output_mode="coco_rle", **generator_kwargs(args))
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"segany-amg: error: {error}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    SkipLog.take()  # forget skips of earlier readers in this process
+    with ExitStack() as stack:
+        writer = None
+        if args.shards_out:  # on an error the shard being written is dropped, completed ones stay
+            writer = stack.enter_context(SA1BShardWriter(args.shards_out, max_samples_per_shard=args.images_per_shard))
+        bar = stack.enter_context(tqdm(items, total=total, desc="segany-amg", unit="img", disable=args.no_progress))
+        for item in bar:
+            json_path = args.out / f"{item.stem}.json"
+            try:
+                if json_path.exists() and not args.overwrite:
+                    outcome, record = "done before", json.loads(json_path.read_text()) if writer else None
+                else:
+                    load_pixels(item)
+                    outcome, record = "done now", process_image(item, generator, args.out)
+                if writer:
+                    writer.write(sample_key(item.image_id), jpeg_bytes(item), record)
+                counts[outcome] += 1
+            except BadSample as error:
+                counts["unreadable"] += 1
+                tqdm.write(f"segany-amg: warning: skipped {item.path or item.stem}: {error}", file=sys.stderr)
+    counts["unreadable"] += sum(SkipLog.take().values())  # samples the shard reader could not parse
+    summary = ", ".join(f"{counts[k]} {k}" for k in ("done now", "done before", "unreadable"))
+    print(f"segany-amg: {sum(counts.values())} images: {summary}; outputs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
