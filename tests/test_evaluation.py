@@ -298,8 +298,19 @@ def test_segany_eval_interactive_end_to_end(eval_shards, tmp_path):
         assert 0.0 <= inter["miou"][k] <= inter["oracle_miou"][k] <= 1.0
     assert inter["oracle_miou"]["2"] == pytest.approx(inter["miou"]["2"])  # one output after 1 click
     assert 1.0 <= inter["noc"]["85"] <= inter["noc"]["90"] <= 3.0
+    assert inter["settings"]["max_clicks"] == 3 and inter["settings"]["mask_feedback"] is True
     markdown = (out / "eval.md").read_text()
     assert "| clicks | mIoU | oracle mIoU |" in markdown and "NoC@85" in markdown
+
+    # the same weights from a checkpoint file give the same figures
+    torch.manual_seed(0)  # segany-eval's random weights for the default --seed 0
+    torch.save(build_sam_by_name("vit_t_256_small_decoder").state_dict(), tmp_path / "sam.pth")
+    cli.main(
+        ["--checkpoint", str(tmp_path / "sam.pth"), "--shards", str(eval_shards / "*.tar"), "--protocol", "interactive",
+         "--max-clicks", "3", "--out", str(tmp_path / "from_checkpoint"), "--no-progress"]
+    )  # fmt: skip
+    loaded = json.loads((tmp_path / "from_checkpoint" / "eval.json").read_text())["interactive"]
+    assert loaded["miou"] == inter["miou"] and loaded["noc"] == inter["noc"]
 
     # --max-images counts evaluated images; a batch of 2 is cut to what is left
     cli.main(

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.protocol in ("interactive", "both"):
         start = time.perf_counter()
         result["interactive"] = evaluate_interactive(sam, urls, interactive_cfg, max_images=args.max_images, progress=progress)
-        result["interactive"]["seconds"] = round(time.perf_counter() - start, 3)
+        result["interactive"].update(settings=asdict(interactive_cfg), seconds=round(time.perf_counter() - start, 3))
     if generator is not None:
         start = time.perf_counter()
         with torch.inference_mode():
