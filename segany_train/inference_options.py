@@ -69,7 +69,8 @@ def describe_model(args: argparse.Namespace) -> str:
 def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("automatic mask generator (official defaults)")
     for name, default in GENERATOR_DEFAULTS.items():
-        group.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, metavar=type(default).__name__.upper())
+        kind = type(default)
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, metavar=kind.__name__.upper())
 
 
 def generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:

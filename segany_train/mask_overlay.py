@@ -68,7 +68,7 @@ def render_overlay(
     for rank, index in enumerate(order):
         mask = np.asarray(masks[index]).astype(bool, copy=False)
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {index} is {mask.shape[0]}x{mask.shape[1]} but the image is {image.shape[0]}x{image.shape[1]}")
+            raise ValueError(f"mask {index} is {mask.shape[0]}x{mask.shape[1]}, the image {image.shape[0]}x{image.shape[1]}")
         box = _bounding_slices(mask)
         if box is None:
             continue

@@ -365,4 +365,5 @@ def test_segany_eval_amg_end_to_end(eval_shards, tmp_path):
 
 def test_segany_eval_rejects_bad_generator_settings(eval_shards, tmp_path):
     with pytest.raises(SystemExit, match="points_per_batch"):
-        cli.main(["--model-type", "vit_t_256", "--shards", str(eval_shards / "*.tar"), "--points-per-batch", "0", "--out", str(tmp_path)])
+        shards = str(eval_shards / "*.tar")
+        cli.main(["--model-type", "vit_t_256", "--shards", shards, "--points-per-batch", "0", "--out", str(tmp_path)])

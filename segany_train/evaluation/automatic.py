@@ -50,7 +50,8 @@ def evaluate_automatic_masks(
             continue
         gt_records.append({"image": record["image"], "annotations": record["annotations"]})
         # keep only what the score needs: the generator's records may hold full-size binary masks
-        predictions.append([{"segmentation": m["segmentation"], "predicted_iou": m["predicted_iou"]} for m in generator.generate(image)])
+        masks = generator.generate(image)
+        predictions.append([{"segmentation": m["segmentation"], "predicted_iou": m["predicted_iou"]} for m in masks])
         bar.update(1)
         if max_images is not None and len(gt_records) >= max_images:
             break

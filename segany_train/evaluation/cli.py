@@ -33,7 +33,9 @@ PROTOCOLS = ("interactive", "amg", "both")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segany-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="segany-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shards", action="append", required=True, help="SA-1B shards: path, glob or brace pattern (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="directory for eval.json and eval.md")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="both")
@@ -42,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     group = parser.add_argument_group("interactive protocol")
     default = InteractiveEvalConfig()
-    group.add_argument("--max-clicks", type=int, default=default.max_clicks, help="click cap (NoC counts it for masks never reaching the IoU)")
+    group.add_argument(
+        "--max-clicks", type=int, default=default.max_clicks, help="click cap (NoC counts it for masks never reaching the IoU)"
+    )
     group.add_argument("--no-mask-feedback", action="store_true", help="do not feed the previous logits back as a mask prompt")
     group.add_argument("--max-masks-per-image", type=int, help="evaluate a seeded random subset of each image's masks")
-    group.add_argument("--max-area-fraction", type=float, default=default.max_area_fraction, help="leave out masks covering more of the image")
+    group.add_argument(
+        "--max-area-fraction", type=float, default=default.max_area_fraction, help="leave out masks covering more of the image"
+    )
     group.add_argument("--batch-size", type=int, default=default.batch_size, help="images per encoder batch")
     group.add_argument("--num-workers", type=int, default=default.num_workers, help="data loader worker processes")
     add_generator_arguments(parser)

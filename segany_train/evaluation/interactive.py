@@ -130,7 +130,7 @@ def evaluate_interactive(
     max_images: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Runs the protocol over every sample of the shards (each read once, in order).
+    """Runs the protocol over every sample of the shards, each read once (in order when num_workers is 0).
 
     Returns `summarize_interactive`'s report plus images (evaluated), images_skipped ({reason: n}:
     undecodable samples, corrupt shard members, images with no usable mask), masks_in_images (GT
