@@ -140,6 +140,8 @@ class SamAutomaticMaskGenerator:
         if not isinstance(crop_n_layers, int) or crop_n_layers < 0:
             raise ValueError(f"crop_n_layers must be a non-negative integer, got {crop_n_layers!r}")
         if points_per_side is not None:
+            if not isinstance(points_per_side, int) or points_per_side < 1:
+                raise ValueError(f"points_per_side must be a positive integer, got {points_per_side!r}")
             if not isinstance(crop_n_points_downscale_factor, int) or crop_n_points_downscale_factor < 1:
                 raise ValueError(f"crop_n_points_downscale_factor must be an integer >= 1, got {crop_n_points_downscale_factor!r}")
             self.point_grids = layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
