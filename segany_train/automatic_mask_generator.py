@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from torch.nn import functional as F
 
 from segany_train.amg.grids import crop_boxes, layer_point_grids
 from segany_train.amg.mask_ops import (
@@ -18,7 +19,14 @@ from segany_train.amg.mask_ops import (
     stability_score,
 )
 from segany_train.amg.regions import remove_small_regions
-from segany_train.amg.rle import coco_rle, masks_to_rle_counts, rle_area, rle_box, rle_counts_to_mask, uncompressed_rle
+from segany_train.amg.rle import (
+    coco_rle,
+    crop_masks_to_rle_counts,
+    rle_area,
+    rle_box,
+    rle_counts_to_mask,
+    uncompressed_rle,
+)
 from segany_train.data.sa1b import annotation_from_rle, make_record
 from segany_train.model.prompt_encoder import FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
@@ -294,12 +302,11 @@ class SamAutomaticMaskGenerator:
             candidates = candidates[iou > self.pred_iou_thresh]
         img = sam.image_encoder.img_size
         chunk = max(1, _UPSAMPLE_PIXEL_BUDGET // (img * img + crop_size[0] * crop_size[1]))
-        kept, stability, counts = [], [], []
-        boxes = [torch.zeros(0, 4, dtype=torch.int64)]
+        kept, stability, boxes, counts = [], [], [], []
         for start in range(0, candidates.numel(), chunk):
             index = candidates[start : start + chunk]
-            logits = sam.postprocess_masks(low_res[index][:, None], self.predictor.input_size, crop_size)[:, 0]
-            score = stability_score(logits, sam.mask_threshold, self.stability_score_offset)
+            logits = self._upscale(low_res[index], crop_size)
+            score = stability_score(logits, sam.mask_threshold, self.stability_score_offset).to(device)
             if self.stability_score_thresh > 0.0:
                 stable = score >= self.stability_score_thresh
                 index, score, logits = index[stable], score[stable], logits[stable]
@@ -307,24 +314,36 @@ class SamAutomaticMaskGenerator:
             del logits
             box = masks_to_boxes(masks)
             inside = ~box_near_crop_edge(box, crop_box, [0, 0, image_w, image_h])
-            if self.max_mask_area_fraction is not None:
-                inside &= masks.sum(dim=(1, 2)) < self.max_mask_area_fraction * image_h * image_w
             index, score, masks, box = index[inside], score[inside], masks[inside], box[inside]
-            if crop_size != (image_h, image_w):
-                masks = torch.nn.functional.pad(masks, (x0, image_w - x1, y0, image_h - y1))
             kept.append(index.cpu())
             stability.append(score.cpu())
             boxes.append(box.cpu())
-            counts.extend(masks_to_rle_counts(masks))
+            counts.extend(crop_masks_to_rle_counts(masks, box, (x0, y0), image_size))
         kept_index = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
-        return _Candidates(
+        masks = _Candidates(
             counts,
-            torch.cat(boxes),
+            torch.cat(boxes) if boxes else torch.zeros(0, 4, dtype=torch.int64),
             iou.cpu()[kept_index],
             torch.cat(stability) if stability else torch.zeros(0),
             torch.as_tensor(points)[kept_index // per_point],
             torch.zeros(len(counts), 4, dtype=torch.int64),
         )
+        if self.max_mask_area_fraction is not None:
+            areas = torch.tensor([rle_area(c) for c in counts], dtype=torch.float64)
+            masks = masks.select(torch.nonzero(areas < self.max_mask_area_fraction * image_h * image_w).flatten())
+        return masks
+
+    def _upscale(self, low_res: torch.Tensor, crop_size: tuple[int, int]) -> torch.Tensor:
+        """Kx4hx4w low-res logits -> KxHxW logits of the crop: `Sam.postprocess_masks`, except that the
+        second resize is skipped when it would not change the size (it is then an exact identity,
+        and as costly as the first)."""
+        img = self.model.image_encoder.img_size
+        input_h, input_w = self.predictor.input_size
+        logits = F.interpolate(low_res[:, None], (img, img), mode="bilinear", align_corners=False)
+        logits = logits[..., :input_h, :input_w]
+        if (input_h, input_w) != tuple(crop_size):
+            logits = F.interpolate(logits, tuple(crop_size), mode="bilinear", align_corners=False)
+        return logits[:, 0]
 
     def _remove_small_regions(self, masks: _Candidates, height: int, width: int) -> _Candidates:
         """Fills holes and drops islands under `min_mask_region_area` px, then box NMS again (untouched

@@ -17,6 +17,7 @@ from segany_train.amg import (
     box_nms,
     coco_rle,
     crop_boxes,
+    crop_masks_to_rle_counts,
     label_components,
     layer_point_grids,
     mask_to_rle_counts,
@@ -120,7 +121,13 @@ def test_stability_score_matches_a_brute_force_count():
                 assert math.isnan(score[i, j].item())
             else:
                 assert score[i, j].item() == pytest.approx(inner / outer, abs=1e-7)
-    np.testing.assert_allclose(stability_score(logits, 0.5, 0.25).numpy(), ((x > 0.75).sum((-1, -2)) / (x > 0.25).sum((-1, -2))), atol=1e-7)
+    with np.errstate(invalid="ignore"):
+        expected = (x > 0.75).sum((-1, -2)) / (x > 0.25).sum((-1, -2))
+    np.testing.assert_allclose(stability_score(logits, 0.5, 0.25).numpy(), expected, atol=1e-7)
+    # the torch path (used off the CPU, and for other dtypes) agrees with the numpy one
+    halves = logits.to(torch.bfloat16)
+    reference = stability_score(halves.float(), 0.0, 1.0)
+    torch.testing.assert_close(stability_score(halves, 0.0, 1.0), reference, equal_nan=True)
 
 
 def test_masks_to_boxes_matches_brute_force():
@@ -225,8 +232,28 @@ def test_rle_encoding_matches_pycocotools():
         np.testing.assert_array_equal(mask_utils.decode(mask_utils.frPyObjects(unc, 13, 9)), mask)
         np.testing.assert_array_equal(rle_counts_to_mask(c, 13, 9), mask)
     assert masks_to_rle_counts(torch.zeros(0, 4, 4, dtype=torch.bool)) == []
+    assert masks_to_rle_counts(torch.tensor([[[True, False], [True, True]]]))[0].tolist() == [0, 2, 1, 1]
     with pytest.raises(ValueError, match="cover 5 pixels"):
         rle_counts_to_mask(np.array([2, 3]), 2, 2)
+
+
+def test_crop_masks_are_encoded_in_the_image_frame():
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        height, width = (int(v) for v in rng.integers(1, 25, 2))
+        h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        masks = _random_masks(trial, 5, h, w) if h * w > 1 else rng.random((5, h, w)) < 0.5
+        if trial % 4 == 0:  # runs that wrap from the image's bottom row to the top of the next column
+            masks[3, 0, :] = masks[3, -1, :] = True
+        masks_t = torch.as_tensor(masks)
+        counts = crop_masks_to_rle_counts(masks_t, masks_to_boxes(masks_t), (x0, y0), (height, width))
+        for mask, c in zip(masks, counts):
+            placed = np.zeros((height, width), dtype=bool)
+            placed[y0 : y0 + h, x0 : x0 + w] = mask
+            reference = mask_utils.encode(np.asfortranarray(placed.astype(np.uint8)))
+            assert coco_rle(c, height, width)["counts"] == reference["counts"].decode()
+            assert c.tolist() == mask_to_rle_counts(placed).tolist()
 
 
 # ---------------------------------------------------------------- connected components, small regions

@@ -14,6 +14,7 @@ from segany_train.amg.regions import label_components, remove_small_regions
 from segany_train.amg.rle import (
     coco_rle,
     column_runs,
+    crop_masks_to_rle_counts,
     mask_to_rle_counts,
     masks_to_rle_counts,
     rle_area,
@@ -31,6 +32,7 @@ __all__ = [
     "coco_rle",
     "column_runs",
     "crop_boxes",
+    "crop_masks_to_rle_counts",
     "label_components",
     "layer_point_grids",
     "mask_to_rle_counts",

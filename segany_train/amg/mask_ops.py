@@ -12,10 +12,21 @@ def stability_score(mask_logits: torch.Tensor, mask_threshold: float, offset: fl
     """IoU of each mask binarised at threshold + offset and at threshold - offset: ...xHxW -> ... float32.
 
     The first mask lies inside the second, so the IoU is a ratio of pixel counts. A mask empty at
-    both cutoffs scores NaN (0 / 0), which fails every ">=" filter.
+    both cutoffs scores NaN (0 / 0), which fails every ">=" filter. Thresholds are compared in the
+    logits' dtype, as torch compares a tensor with a Python number. On the CPU the counting is done
+    by numpy, which counted several times faster than torch's boolean sums when measured.
     """
-    inner = (mask_logits > (mask_threshold + offset)).sum(dim=(-2, -1), dtype=torch.int32)
-    outer = (mask_logits > (mask_threshold - offset)).sum(dim=(-2, -1), dtype=torch.int32)
+    high, low = mask_threshold + offset, mask_threshold - offset
+    if mask_logits.device.type == "cpu" and mask_logits.dtype in (torch.float32, torch.float64):
+        height, width = mask_logits.shape[-2:]
+        values = mask_logits.detach().numpy().reshape(*mask_logits.shape[:-2], height * width)
+        cast = values.dtype.type
+        inner = np.count_nonzero(values > cast(high), axis=-1).astype(np.float32)
+        outer = np.count_nonzero(values > cast(low), axis=-1).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return torch.from_numpy(np.asarray(inner / outer, dtype=np.float32))
+    inner = (mask_logits > high).sum(dim=(-2, -1), dtype=torch.int32)
+    outer = (mask_logits > low).sum(dim=(-2, -1), dtype=torch.int32)
     return inner.to(torch.float32) / outer.to(torch.float32)
 
 
@@ -24,17 +35,19 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     if masks.dim() < 2:
         raise ValueError(f"masks must be ...xHxW, got shape {tuple(masks.shape)}")
     h, w = masks.shape[-2:]
-    rows = masks.any(dim=-1).to(torch.uint8)  # ...xH
-    cols = masks.any(dim=-2).to(torch.uint8)  # ...xW
-    if rows.numel() == 0 or cols.numel() == 0:
+    if masks.numel() == 0:
         return torch.zeros(*masks.shape[:-2], 4, dtype=torch.int64, device=masks.device)
+    # max over uint8 measured several times faster than any() over bool
+    pixels = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
+    rows = pixels.amax(dim=-1)  # ...xH
+    cols = pixels.amax(dim=-2)  # ...xW
     # argmax returns the first maximum: the first True from the front and, flipped, from the back
     y0 = rows.argmax(dim=-1)
     y1 = (h - 1) - rows.flip(-1).argmax(dim=-1)
     x0 = cols.argmax(dim=-1)
     x1 = (w - 1) - cols.flip(-1).argmax(dim=-1)
     boxes = torch.stack([x0, y0, x1, y1], dim=-1)
-    return boxes * rows.any(dim=-1, keepdim=True)
+    return boxes * (rows.amax(dim=-1, keepdim=True) > 0)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,39 @@ def masks_to_rle_counts(masks: torch.Tensor) -> list[np.ndarray]:
     return out
 
 
+def crop_masks_to_rle_counts(
+    masks: torch.Tensor, boxes: torch.Tensor, crop_origin: tuple[int, int], image_size: tuple[int, int]
+) -> list[np.ndarray]:
+    """RLE counts of K masks of a crop, placed in the whole image (zeros outside the crop).
+
+    masks: Kxhxw bool, the crop's pixels; boxes: Kx4 their tight XYXY boxes in the crop frame (as
+    `masks_to_boxes` gives, [0, 0, 0, 0] when empty); crop_origin: (x0, y0) of the crop in the
+    image; image_size: (H, W). On the CPU only each mask's box is scanned (most masks are small);
+    elsewhere the masks are padded to the image and encoded together on their device.
+    """
+    height, width = image_size
+    x_off, y_off = crop_origin
+    if masks.device.type != "cpu":
+        pad = (x_off, width - x_off - masks.shape[2], y_off, height - y_off - masks.shape[1])
+        return masks_to_rle_counts(torch.nn.functional.pad(masks, pad))
+    out = []
+    for mask, (x0, y0, x1, y1) in zip(masks.numpy(), boxes.tolist()):
+        box_h = y1 - y0 + 1
+        # each box column with a background pixel above and below: changes come in start/end pairs
+        columns = np.zeros((x1 - x0 + 1, box_h + 2), dtype=bool)
+        columns[:, 1:-1] = mask[y0 : y1 + 1, x0 : x1 + 1].T
+        col, row = np.divmod(np.flatnonzero(columns[:, 1:] != columns[:, :-1]), box_h + 1)
+        changes = (col + x0 + x_off) * height + (row + y0 + y_off)
+        # a run reaching the image's bottom row goes on at the top of the next column if that is set
+        joined = np.flatnonzero(changes[2::2] == changes[1:-1:2])
+        if joined.size:
+            changes = np.delete(changes, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+        if changes.size and changes[-1] == height * width:  # set up to the last pixel
+            changes = changes[:-1]
+        out.append(np.diff(np.concatenate([[0], changes, [height * width]])))
+    return out
+
+
 def mask_to_rle_counts(mask: np.ndarray) -> np.ndarray:
     """One HxW boolean numpy mask -> uncompressed RLE counts."""
     return masks_to_rle_counts(torch.as_tensor(np.asarray(mask, dtype=bool))[None])[0]
