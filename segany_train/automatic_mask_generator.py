@@ -28,6 +28,7 @@ from segany_train.amg.rle import (
 from segany_train.amg.sa1b_record import sa1b_record_from_masks
 from segany_train.model.prompt_encoder import FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
+from segany_train.model.two_way_transformer import SharedImageKeys
 from segany_train.predictor import SamPredictor
 
 __all__ = ["PAPER_STAGE3_SETTINGS", "SamAutomaticMaskGenerator", "sa1b_record_from_masks"]
@@ -274,7 +275,7 @@ class SamAutomaticMaskGenerator:
         return masks
 
     def _process_batch(
-        self, points: np.ndarray, crop_box: list[int], image_size: tuple[int, int], shared_keys: Any
+        self, points: np.ndarray, crop_box: list[int], image_size: tuple[int, int], shared_keys: SharedImageKeys
     ) -> _Candidates:
         """Masks of B prompt points (Bx2 crop pixels) that pass the filters, in the image frame
         (boxes stay in the crop frame until the crop's NMS)."""

@@ -247,7 +247,10 @@ def test_crop_masks_are_encoded_in_the_image_frame():
         if trial % 4 == 0:  # runs that wrap from the image's bottom row to the top of the next column
             masks[3, 0, :] = masks[3, -1, :] = True
         masks_t = torch.as_tensor(masks)
-        counts = crop_masks_to_rle_counts(masks_t, masks_to_boxes(masks_t), (x0, y0), (height, width))
+        boxes = masks_to_boxes(masks_t)
+        counts = crop_masks_to_rle_counts(masks_t, boxes, (x0, y0), (height, width))
+        padded = crop_masks_to_rle_counts(masks_t, boxes, (x0, y0), (height, width), scan_boxes=False)
+        assert [c.tolist() for c in counts] == [c.tolist() for c in padded]
         for mask, c in zip(masks, counts):
             placed = np.zeros((height, width), dtype=bool)
             placed[y0 : y0 + h, x0 : x0 + w] = mask

@@ -38,20 +38,29 @@ def masks_to_rle_counts(masks: torch.Tensor) -> list[np.ndarray]:
 
 
 def crop_masks_to_rle_counts(
-    masks: torch.Tensor, boxes: torch.Tensor, crop_origin: tuple[int, int], image_size: tuple[int, int]
+    masks: torch.Tensor,
+    boxes: torch.Tensor,
+    crop_origin: tuple[int, int],
+    image_size: tuple[int, int],
+    *,
+    scan_boxes: bool | None = None,
 ) -> list[np.ndarray]:
     """RLE counts of K masks of a crop, placed in the whole image (zeros outside the crop).
 
     masks: Kxhxw bool, the crop's pixels; boxes: Kx4 their tight XYXY boxes in the crop frame (as
     `masks_to_boxes` gives, [0, 0, 0, 0] when empty); crop_origin: (x0, y0) of the crop in the
-    image; image_size: (H, W). On the CPU only each mask's box is scanned (most masks are small);
-    elsewhere the masks are padded to the image and encoded together on their device.
+    image; image_size: (H, W). With `scan_boxes` (the default on the CPU) each mask's box alone is
+    scanned with numpy (most masks are small); otherwise the masks are padded to the image and
+    encoded together on their device.
     """
     height, width = image_size
     x_off, y_off = crop_origin
-    if masks.device.type != "cpu":
+    if scan_boxes is None:
+        scan_boxes = masks.device.type == "cpu"
+    if not scan_boxes:
         pad = (x_off, width - x_off - masks.shape[2], y_off, height - y_off - masks.shape[1])
         return masks_to_rle_counts(torch.nn.functional.pad(masks, pad))
+    masks, boxes = masks.cpu(), boxes.cpu()
     out = []
     for mask, (x0, y0, x1, y1) in zip(masks.numpy(), boxes.tolist()):
         box_h = y1 - y0 + 1
