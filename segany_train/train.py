@@ -15,6 +15,7 @@ from segany_train.data.datamodule import SA1BDataModule
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam, build_sam_by_name
+from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
@@ -45,6 +46,8 @@ def build_model(model_cfg: DictConfig) -> Sam:
         if part not in FREEZABLE:
             raise ValueError(f"model.freeze entries must be among {FREEZABLE}, got {part!r}")
         getattr(sam, part).requires_grad_(False)
+    if model_cfg.tied_cross_attention_init > 0 and model_cfg.checkpoint is None:
+        tie_cross_attention_queries_and_keys(sam.mask_decoder, scale=model_cfg.tied_cross_attention_init)
     if model_cfg.lora_rank > 0:
         add_lora_to_encoder_attention(sam.image_encoder, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha)
     return sam
@@ -69,6 +72,7 @@ def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
         mask_size=data_cfg.mask_size or image_size // 4,
         max_masks=data_cfg.max_masks,
         max_area_fraction=data_cfg.max_area_fraction,
+        min_mask_pixels=data_cfg.min_mask_pixels,
         large_scale_jitter=data_cfg.large_scale_jitter,
         horizontal_flip=data_cfg.horizontal_flip,
     )

@@ -131,6 +131,23 @@ def test_mask_sampling_and_area_filter():
     assert len(ids) > 3  # different masks are drawn on different visits
 
 
+def test_masks_below_the_minimum_size_at_the_loss_resolution_are_dropped():
+    image, _ = make_image(2, height=128, width=128)
+    masks = np.zeros((4, 128, 128), bool)  # the loss frame is 32x32: one low-res pixel per 4x4
+    masks[0, :64, :64] = True  # 256 low-res pixels
+    masks[1, :16, :16] = True  # 16
+    masks[2, :8, :8] = True  # 4
+    masks[3, :4, :4] = True  # 1
+    record = record_for(2, image, list(masks))
+    for minimum, kept in ((1, 4), (4, 3), (16, 2), (17, 1)):
+        cfg = SampleConfig(image_size=128, mask_size=32, min_mask_pixels=minimum)
+        sample = build_training_sample("sa_2", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
+        assert sample["masks"].shape[0] == kept and bool((sample["masks"].flatten(1).sum(1) >= minimum).all())
+    with pytest.raises(BadSample, match="300\\+ pixels"):
+        cfg = SampleConfig(image_size=128, mask_size=32, min_mask_pixels=300)
+        build_training_sample("sa_2", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
+
+
 def test_jitter_and_flip_move_image_masks_and_boxes_together():
     """A bright square whose GT mask is the square: after any jitter/flip, image and mask still coincide."""
     image = np.zeros((100, 160, 3), np.uint8)

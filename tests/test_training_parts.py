@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from segany_train.model import SAM_CONFIGS, build_sam, build_sam_by_name, build_sam_from_checkpoint
+from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.checkpoint import save_official_checkpoint
 from segany_train.model.lora import LoRALinear, add_lora_to_encoder_attention, merge_lora
 from segany_train.training.losses import LossWeights, dice_loss, focal_loss, sam_loss
@@ -148,6 +149,33 @@ def test_official_format_checkpoint_builds_the_registry_size_it_matches(tmp_path
     sam = build_sam_by_name("vit_t_256_small_decoder")  # 4 decoder heads: not visible in the shapes
     loaded = build_sam_from_checkpoint(save_official_checkpoint(sam, tmp_path / "small.pth"))
     assert loaded.config == SAM_CONFIGS["vit_t_256_small_decoder"]
+
+
+def _pixel_hit_rate(sam, points: torch.Tensor) -> float:
+    """How often the image->token attention's best-scoring pixel for a click (positional encodings
+    only: no image content) is the embedding cell under the click, summed over heads."""
+    pe = sam.prompt_encoder
+    grid = pe.get_dense_pe()[0].flatten(1).T  # HW x C
+    side = pe.image_embedding_size[0]
+    click = pe.pe_layer.forward_with_coords(points[None] + 0.5, pe.input_image_size)[0]  # P x C
+    attn = sam.mask_decoder.transformer.layers[0].cross_attn_image_to_token
+    scores = attn.split_heads(attn.q_proj(grid)[None]) @ attn.split_heads(attn.k_proj(click)[None]).transpose(-1, -2)
+    best = scores[0].sum(0).argmax(0)  # P: the pixel each click scores highest
+    cell = (points[:, 1] // (pe.input_image_size[0] / side)) * side + points[:, 0] // (pe.input_image_size[1] / side)
+    return (best == cell.long()).float().mean().item()
+
+
+def test_tied_cross_attention_init_localises_clicks_from_the_start():
+    torch.manual_seed(0)
+    points = torch.rand(200, 2) * 128
+    sam = build_sam(TINY)
+    untied = _pixel_hit_rate(sam, points)
+    assert tie_cross_attention_queries_and_keys(sam.mask_decoder, scale=2.0) == 2 * TINY.decoder_depth + 1
+    for name, module in sam.mask_decoder.named_modules():
+        if name.endswith("cross_attn_image_to_token"):
+            assert torch.equal(module.q_proj.weight, module.k_proj.weight)
+    tied = _pixel_hit_rate(sam, points)
+    assert untied < 0.2 and tied > 0.6  # random projections ignore where the click is; tied ones do not
 
 
 def test_optimiser_layer_decay_no_decay_groups_and_schedules():

@@ -117,5 +117,6 @@ class SA1BDataModule(L.LightningDataModule):
             mask_size=self.sample.mask_size,
             max_masks=self.sample.max_masks,
             max_area_fraction=self.sample.max_area_fraction,
+            min_mask_pixels=self.sample.min_mask_pixels,
         )
         return self._loader(training_pipeline(self.val_urls, plain, mode="once", seed=self.seed), None)

@@ -27,6 +27,9 @@ class SampleConfig:
     mask_size: int = 256  # side of the GT masks (the decoder's low-res logits)
     max_masks: int = 64  # masks sampled per image
     max_area_fraction: float = 0.9  # masks covering more of the image are dropped
+    # masks smaller than this at the loss resolution are dropped: a mask of a few low-res pixels is
+    # mostly aliasing, and a corpus dominated by them teaches a small model to predict nothing
+    min_mask_pixels: int = 1
     large_scale_jitter: bool = False
     jitter_scale: tuple[float, float] = (0.1, 2.0)
     horizontal_flip: bool = False
@@ -126,9 +129,10 @@ def build_training_sample(
         anns = [anns[i] for i in sorted(rng.choice(len(anns), cfg.max_masks, replace=False))]
     win = _choose_window(height, width, cfg, rng)
     masks = _masks(anns, record, win, cfg)
-    visible = masks.any(axis=(1, 2))  # a mask can vanish at low resolution or be cropped away
+    # a mask can shrink below the minimum at low resolution, or be cropped away
+    visible = masks.sum(axis=(1, 2)) >= max(cfg.min_mask_pixels, 1)
     if not visible.any():
-        raise BadSample("no mask is visible at the training resolution")
+        raise BadSample(f"no mask has {max(cfg.min_mask_pixels, 1)}+ pixels at the training resolution")
     masks = masks[visible]
     image, input_size = _image(jpeg, record, win, cfg)
     return {
