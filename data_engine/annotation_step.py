@@ -1,0 +1,163 @@
+"""Stages 1 and 2: annotators label a chunk of the pool with the current model; the result is shards.
+
+Each input shard becomes one output shard of the annotated masks plus a statistics file. Both are
+written completely before the shard is entered in the directory's manifest, which is what marks it
+done: a run killed midway redoes only the shard it was in, never duplicating or losing an image.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_engine.annotator import Annotator, ImageAnnotation
+from data_engine.corpus import LabelledImage, read_labelled_images
+from segany_train.data.sa1b import annotation_from_mask, make_record
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+
+# (image, GT masks) -> the annotator for that image; the GT is seen by the simulated annotator only
+AnnotatorFactory = Callable[[LabelledImage], Annotator]
+# image -> the masks shown pre-filled (stage 2), with their predicted IoUs
+Prefill = Callable[[np.ndarray], list[np.ndarray]]
+
+
+@dataclass
+class ImageStats:
+    """What happened on one image."""
+
+    key: str
+    masks: int  # masks the image ends with: accepted pre-filled + new
+    new_masks: int
+    prefilled: int  # masks shown pre-filled
+    prefilled_accepted: int
+    prefilled_correct: int  # pre-filled masks with IoU > 0.75 to some GT object (precision)
+    gt_objects: int
+    seconds: float
+    clicks: int
+    brush_masks: int  # new masks finished with the brush/eraser
+    moved_on: bool
+    mask_seconds: list[float]
+    mask_clicks: list[int]
+    mask_ious: list[float]
+
+
+def _best_iou_to_gt(mask: np.ndarray, gt_masks: list[np.ndarray]) -> float:
+    if not gt_masks:
+        return 0.0
+    gt = np.stack(gt_masks).reshape(len(gt_masks), -1)
+    m = mask.reshape(-1)
+    inter = (gt & m).sum(1)
+    union = (gt | m).sum(1)
+    return float((inter / np.maximum(union, 1)).max())
+
+
+def _image_stats(item: LabelledImage, prefilled: list[np.ndarray], result: ImageAnnotation) -> ImageStats:
+    return ImageStats(
+        key=item.key,
+        masks=result.num_accepted_prefilled + len(result.masks),
+        new_masks=len(result.masks),
+        prefilled=len(prefilled),
+        prefilled_accepted=result.num_accepted_prefilled,
+        prefilled_correct=sum(_best_iou_to_gt(m, item.gt_masks) > 0.75 for m in prefilled),
+        gt_objects=len(item.gt_masks),
+        seconds=result.seconds,
+        clicks=sum(r.num_clicks for r in result.records),
+        brush_masks=sum(r.brush_used for r in result.records),
+        moved_on=result.moved_on,
+        mask_seconds=[r.seconds for r in result.records],
+        mask_clicks=[r.num_clicks for r in result.records],
+        mask_ious=[r.iou_to_gt for r in result.records],
+    )
+
+
+def _annotated_record(item: LabelledImage, masks: list[np.ndarray]) -> dict[str, Any]:
+    info = item.record["image"]
+    return make_record(
+        image_id=info["image_id"],
+        width=info["width"],
+        height=info["height"],
+        file_name=info.get("file_name", f"{item.key}.jpg"),
+        annotations=[annotation_from_mask(m, annotation_id=k) for k, m in enumerate(masks)],
+    )
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def annotate_shards(
+    input_shards: list[str],
+    out_dir: str | Path,
+    annotator_for: AnnotatorFactory,
+    *,
+    prefill: Prefill | None = None,
+    first_index: int = 0,
+    progress: bool = True,
+    description: str = "annotate",
+) -> dict[str, Any]:
+    """Annotates every image of `input_shards`; input shard k becomes `annotated-<first_index+k>.tar`.
+
+    Returns {"shards": [output shard paths], "images": [ImageStats as dicts]}; images the annotator
+    gave no mask are counted in the statistics but not written to a shard.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[str] = []
+    images: list[dict[str, Any]] = []
+    for k, url in enumerate(input_shards):
+        index = first_index + k
+        name = f"annotated-{index:06d}.tar"
+        stats_path = out_dir / f"annotated-{index:06d}.stats.json"
+        done = read_manifest(out_dir)["shards"]
+        if stats_path.exists():
+            stats = json.loads(stats_path.read_text())
+            if stats["shard"] is None or stats["shard"] in done:
+                shards += [str(out_dir / stats["shard"])] if stats["shard"] else []
+                images += stats["images"]
+                continue
+        shard_images: list[dict[str, Any]] = []
+        with SA1BShardWriter(out_dir, prefix="annotated-", start_index=index, max_samples_per_shard=2**31) as writer:
+            for item in tqdm(list(read_labelled_images([url])), desc=f"{description} {Path(url).name}", disable=not progress):
+                shown = prefill(item.image) if prefill is not None else []
+                result = annotator_for(item).annotate(item.image, shown)
+                kept = [shown[i] for i in result.accepted_prefilled] + result.masks
+                shard_images.append(asdict(_image_stats(item, shown, result)))
+                if kept:
+                    writer.write(item.key, item.jpeg, _annotated_record(item, kept))
+            # the statistics first, then the shard's rename and manifest entry: the latter marks it done
+            wrote = any(i["masks"] for i in shard_images)
+            _write_json_atomically(stats_path, {"shard": name if wrote else None, "images": shard_images})
+        if wrote:
+            shards.append(str(out_dir / name))
+        images += shard_images
+    return {"shards": shards, "images": images}
+
+
+def summarize_images(images: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-round statistics from per-image ones: seconds and clicks per new mask, masks per image,
+    brush rate, pre-filled masks per image and their precision."""
+    n_images = max(len(images), 1)
+    new = sum(i["new_masks"] for i in images)
+    prefilled = sum(i["prefilled"] for i in images)
+    return {
+        "images": len(images),
+        "masks": sum(i["masks"] for i in images),
+        "masks_per_image": sum(i["masks"] for i in images) / n_images,
+        "new_masks_per_image": new / n_images,
+        "seconds_per_mask": sum(i["seconds"] for i in images) / max(new, 1),
+        "clicks_per_mask": sum(i["clicks"] for i in images) / max(new, 1),
+        "brush_rate": sum(i["brush_masks"] for i in images) / max(new, 1),
+        "mean_mask_iou": float(np.mean([v for i in images for v in i["mask_ious"]])) if new else 0.0,
+        "moved_on_rate": sum(i["moved_on"] for i in images) / n_images,
+        "prefilled_per_image": prefilled / n_images,
+        "prefilled_accepted_per_image": sum(i["prefilled_accepted"] for i in images) / n_images,
+        "prefilled_precision": sum(i["prefilled_correct"] for i in images) / prefilled if prefilled else float("nan"),
+        "gt_objects_per_image": sum(i["gt_objects"] for i in images) / n_images,
+    }

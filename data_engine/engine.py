@@ -1,0 +1,242 @@
+"""segany-engine: SAM's data engine (paper section 4) as a resumable annotate -> retrain cycle.
+
+seed model -> stage 1 rounds (assisted-manual: annotate a pool chunk, retrain on everything annotated
+so far) -> stage 2 rounds (semi-automatic: a box detector pre-fills confident masks, annotators add
+the missed objects) -> stage 3 (the automatic mask generator over the whole pool, a quality check,
+and a final retrain on the automatic masks mixed with the oversampled manual ones) -> report.
+
+Every step's outputs live in the run directory and are recorded in engine.json (`ledger.py`); the
+same command continues a killed run. `only=stage3` runs stage 3 alone on given shards and checkpoint.
+"""
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_engine.annotation_step import annotate_shards, summarize_images
+from data_engine.annotator import SimulatedAnnotator, TimeModel
+from data_engine.automatic_step import generate_shards, summarize_quality
+from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
+from data_engine.ledger import RunLedger
+from data_engine.prefill import BoxPrefill, train_prefill_detector
+from data_engine.report import save_overlays, write_report
+from data_engine.retraining import compose_training_config, retrain
+from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.data.synthetic import write_synthetic_corpus
+from segany_train.evaluation.interactive import InteractiveEvalConfig, evaluate_interactive
+from segany_train.model import Sam, build_sam_from_checkpoint
+from segany_train.predictor import SamPredictor
+from segany_train.train import CONFIG_DIR
+
+
+def load_model(checkpoint: str) -> Sam:
+    return build_sam_from_checkpoint(checkpoint).eval()
+
+
+def held_out_miou(checkpoint: str, holdout: list[str], cfg: DictConfig) -> dict[str, float]:
+    """mIoU after 1 and 5 center clicks on the held-out shards (the evaluation protocol)."""
+    report = evaluate_interactive(
+        load_model(checkpoint),
+        holdout,
+        InteractiveEvalConfig(max_clicks=5, max_masks_per_image=cfg.eval.max_masks_per_image),
+        max_images=cfg.eval.max_images,
+        progress=cfg.progress,
+    )
+    return {"miou_1": report["miou"]["1"], "miou_5": report["miou"]["5"], "eval_masks": report["masks"]}
+
+
+def _annotator_factory(predictor: SamPredictor, cfg: DictConfig):
+    time_model = TimeModel(**OmegaConf.to_container(cfg.annotator.time, resolve=True))
+
+    def annotator_for(item: LabelledImage) -> SimulatedAnnotator:
+        return SimulatedAnnotator(
+            predictor,
+            item.gt_masks,
+            target_iou=cfg.annotator.target_iou,
+            max_clicks=cfg.annotator.max_clicks,
+            max_seconds_per_mask=cfg.annotator.max_seconds_per_mask,
+            min_area=cfg.annotator.min_area,
+            time_model=time_model,
+        )
+
+    return annotator_for
+
+
+def _shard_list(results: list[dict[str, Any]]) -> list[str]:
+    return [s for r in results for s in r["shards"]]
+
+
+class Engine:
+    """One engine run: the corpus split, the ledger, and the current model between steps."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ledger = RunLedger(self.run_dir, OmegaConf.to_container(cfg, resolve=True))
+        self.train_base = compose_training_config(list(cfg.training.overrides))
+        self.rows: list[dict[str, Any]] = []
+
+    def _relative(self, path: str) -> str:
+        return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+
+    def _absolute(self, path: str) -> str:
+        return str(self.run_dir / path)
+
+    def _train(self, step: str, shards: list[str], init: str | None, steps: int, holdout: list[str]) -> str:
+        """A retrain step; returns the checkpoint path (recorded relative to the run directory)."""
+        result = self.ledger.run(
+            step,
+            lambda: {
+                "checkpoint": self._relative(
+                    retrain(
+                        self.train_base,
+                        run_dir=self.ledger.step_dir(step),
+                        train_shards=shards,
+                        val_shards=holdout,
+                        steps=steps,
+                        init_checkpoint=init,
+                        seed=self.cfg.seed + len(self.ledger.state["order"]),
+                        progress=self.cfg.progress,
+                    )
+                ),
+                "train_shards": [self._relative(s) if s.startswith(str(self.run_dir)) else s for s in shards],
+            },
+        )
+        return self._absolute(result["checkpoint"])
+
+    def _evaluate(self, step: str, checkpoint: str, holdout: list[str]) -> dict[str, float]:
+        return self.ledger.run(step, lambda: held_out_miou(checkpoint, holdout, self.cfg))
+
+    def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            predictor = SamPredictor(load_model(checkpoint))
+            out = annotate_shards(
+                chunk,
+                self.ledger.step_dir(step),
+                _annotator_factory(predictor, self.cfg),
+                prefill=prefill(predictor) if prefill else None,
+                first_index=first_index,
+                progress=self.cfg.progress,
+                description=step,
+            )
+            return {"shards": [self._relative(s) for s in out["shards"]], "stats": summarize_images(out["images"])}
+
+        result = self.ledger.run(step, work)
+        return {"shards": [self._absolute(s) for s in result["shards"]], "stats": result["stats"]}
+
+    def run(self, split: CorpusSplit) -> Path:
+        cfg = self.cfg
+        checkpoint = self._train("seed/train", split.seed, None, cfg.training.seed_steps, split.holdout)
+        self.rows.append({"stage": "seed", "round": None, **self._evaluate("seed/eval", checkpoint, split.holdout)})
+        annotated: list[dict[str, Any]] = []
+        chunk = 0
+        for stage, rounds in (("stage1", cfg.stage1.rounds), ("stage2", cfg.stage2.rounds)):
+            prefill = None
+            if stage == "stage2" and rounds:
+                detector_path = self._detector(checkpoint, _shard_list(annotated), split.holdout)
+                prefill = partial(BoxPrefill.from_files, detector_path, settings=cfg.stage2.prefill)
+            for r in range(1, rounds + 1):
+                step = f"{stage}/round{r}"
+                ann = self._annotate(f"{step}/annotate", checkpoint, split.chunks[chunk], sum(map(len, split.chunks[:chunk])), prefill)
+                chunk += 1
+                annotated.append(ann)
+                steps = cfg[stage].train_steps
+                checkpoint = self._train(f"{step}/train", _shard_list(annotated), checkpoint, steps, split.holdout)
+                self.rows.append({"stage": stage, "round": r, **ann["stats"], **self._evaluate(f"{step}/eval", checkpoint, split.holdout)})
+        quality, overlays = self._stage3(checkpoint, split, _shard_list(annotated))
+        notes = [f"run directory: {self.run_dir}", f"pool: {len(split.pool)} shards; held out: {len(split.holdout)}"]
+        return write_report(self.run_dir, self.rows, quality, overlays, notes)
+
+    def _detector(self, checkpoint: str, shards: list[str], holdout: list[str]) -> str:
+        step = "stage2/detector"
+
+        def work() -> dict[str, Any]:
+            path = train_prefill_detector(
+                load_model(checkpoint), shards, self.ledger.step_dir(step), settings=self.cfg.stage2.detector, seed=self.cfg.seed
+            )
+            return {"detector": self._relative(path), "model": self._relative(checkpoint)}
+
+        return self._absolute(self.ledger.run(step, work)["detector"])
+
+    def _stage3(self, checkpoint: str, split: CorpusSplit, manual: list[str]) -> tuple[dict[str, float], list[Path]]:
+        cfg = self.cfg
+
+        def generate() -> dict[str, Any]:
+            generator = SamAutomaticMaskGenerator(load_model(checkpoint), **OmegaConf.to_container(cfg.stage3.generator, resolve=True))
+            out = generate_shards(generator, split.pool, self.ledger.step_dir("stage3/generate"), progress=cfg.progress)
+            return {"shards": [self._relative(s) for s in out["shards"]], "quality": summarize_quality(out["images"])}
+
+        auto = self.ledger.run("stage3/generate", generate)
+        auto_shards = [self._absolute(s) for s in auto["shards"]]
+        quality = auto["quality"]
+        self.rows.append({"stage": "stage3", "round": None, "images": quality["images"], "masks_per_image": quality["masks_per_image"]})
+        overlays = self._overlays(auto_shards[:1])
+        if cfg.stage3.train_steps:
+            # the paper's final SAM trained on automatic masks only; mixing in the manual masks, each
+            # shard listed `oversample_manual` times, is the ablation that helped slightly
+            mix = manual * cfg.stage3.oversample_manual if cfg.stage3.mix_manual else []
+            final = self._train("stage3/train", auto_shards + mix, checkpoint, cfg.stage3.train_steps, split.holdout)
+            self.rows.append({"stage": "final", "round": None, **self._evaluate("stage3/eval", final, split.holdout)})
+        return quality, overlays
+
+    def _overlays(self, shards: list[str]) -> list[Path]:
+        examples = []
+        for item in read_labelled_images(shards):
+            examples.append((item.key, item.image, item.gt_masks))  # the shard's masks are the automatic ones
+            if len(examples) >= self.cfg.report.overlays:
+                break
+        return save_overlays(examples, self.run_dir / "overlays")
+
+
+def prepare_corpus(cfg: DictConfig) -> None:
+    """Writes the synthetic corpus when the config names one (resumable, deterministic)."""
+    syn = cfg.corpus.synthetic
+    if syn:
+        write_synthetic_corpus(
+            syn.directory,
+            num_images=syn.num_images,
+            seed=syn.seed,
+            size=syn.size,
+            images_per_shard=syn.images_per_shard,
+            min_objects=syn.min_objects,
+            max_objects=syn.max_objects,
+            progress=cfg.progress,
+        )
+
+
+def run_engine(cfg: DictConfig) -> Path:
+    """The whole cycle (or `only=stage3`); returns the report's path."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    prepare_corpus(cfg)
+    engine = Engine(cfg)
+    if cfg.only == "stage3":
+        if not cfg.checkpoint:
+            raise ValueError("only=stage3 needs checkpoint=<a segany-train .ckpt or official .pth>")
+        split = CorpusSplit(seed=[], chunks=[expand_shard_patterns(cfg.corpus.shards)], holdout=[])
+        quality, overlays = engine._stage3(str(Path(cfg.checkpoint).resolve()), split, manual=[])
+        return write_report(engine.run_dir, engine.rows, quality, overlays, [f"stage 3 alone with {cfg.checkpoint}"])
+    if cfg.only:
+        raise ValueError(f"only must be null or stage3, got {cfg.only!r}")
+    rounds = cfg.stage1.rounds + cfg.stage2.rounds
+    split = split_corpus(cfg.corpus.shards, seed_shards=cfg.corpus.seed_shards, holdout_shards=cfg.corpus.holdout_shards, rounds=rounds)
+    return engine.run(split)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="engine/cycle")
+def main(cfg: DictConfig) -> None:
+    report = run_engine(cfg)
+    print(report.read_text())
+    print(f"\nreport: {report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The engine's run directory manifest: which steps are finished and what each produced.
+
+`engine.json` maps step names ("stage1/round2/annotate", ...) to their results (checkpoint path,
+shard list, statistics). A step is recorded only after everything it wrote is complete, and the file
+is replaced atomically, so a run killed at any moment and started again redoes at most the step it
+was in. Steps resume inside themselves too (annotation per shard, training from its last checkpoint).
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "engine.json"
+
+
+class ConfigChangedError(RuntimeError):
+    """The run directory was started with another configuration."""
+
+
+class RunLedger:
+    """engine.json in `run_dir`: {"config_digest": str, "steps": {name: result}, "order": [name, ...]}."""
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / MANIFEST
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if self.path.exists():
+            self.state = json.loads(self.path.read_text())
+            if self.state["config_digest"] != digest:
+                raise ConfigChangedError(
+                    f"{self.run_dir} was started with another engine configuration (digest "
+                    f"{self.state['config_digest']}, now {digest}); use a new run_dir or restore the settings"
+                )
+        else:
+            self.state = {"config_digest": digest, "steps": {}, "order": []}
+            (self.run_dir / "engine_config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def result(self, step: str) -> dict[str, Any] | None:
+        """The recorded result of a finished step, or None."""
+        return self.state["steps"].get(step)
+
+    def finish(self, step: str, result: dict[str, Any]) -> None:
+        """Records a step as finished (atomically)."""
+        self.state["steps"][step] = result
+        if step not in self.state["order"]:
+            self.state["order"].append(step)
+        self._save()
+
+    def run(self, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The step's recorded result, running `work` first when the step is not finished yet."""
+        done = self.result(step)
+        if done is not None:
+            return done
+        result = work()
+        self.finish(step, result)
+        return result
+
+    def step_dir(self, step: str) -> Path:
+        """The directory a step writes into (created)."""
+        path = self.run_dir / step
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,117 @@
+"""The engine's report: a markdown table of every round, PNG plots of the trends, automatic-mask overlays."""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from segany_train.mask_overlay import render_overlay  # noqa: E402
+
+COLUMNS = [
+    ("stage", "stage", "{}"),
+    ("round", "round", "{}"),
+    ("images", "images", "{}"),
+    ("masks_per_image", "masks/image", "{:.2f}"),
+    ("seconds_per_mask", "s/mask", "{:.1f}"),
+    ("clicks_per_mask", "clicks/mask", "{:.2f}"),
+    ("brush_rate", "brush rate", "{:.2f}"),
+    ("prefilled_per_image", "prefilled/image", "{:.2f}"),
+    ("prefilled_precision", "prefilled precision", "{:.2f}"),
+    ("miou_1", "held-out mIoU@1", "{:.3f}"),
+    ("miou_5", "held-out mIoU@5", "{:.3f}"),
+]
+PLOTS = [
+    ("masks_per_image", "masks per image"),
+    ("seconds_per_mask", "seconds per mask"),
+    ("miou_1", "held-out mIoU after 1 click"),
+    ("miou_5", "held-out mIoU after 5 clicks"),
+]
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def plot_trends(rows: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per statistic, rounds in order along x, coloured by stage."""
+    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.4))
+    labels = [f"{r['stage']}{'' if r['round'] is None else r['round']}" for r in rows]
+    colours = {"seed": "grey", "stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green"}
+    for ax, (key, title) in zip(axes, PLOTS):
+        xs = [i for i, r in enumerate(rows) if r.get(key) is not None and not math.isnan(r[key])]
+        ax.plot(xs, [rows[i][key] for i in xs], color="lightgrey", zorder=1)
+        ax.scatter(xs, [rows[i][key] for i in xs], c=[colours.get(rows[i]["stage"], "k") for i in xs], zorder=2)
+        ax.set_title(title)
+        ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_overlays(examples: list[tuple[str, np.ndarray, list[np.ndarray]]], directory: Path) -> list[Path]:
+    """(name, HxWx3 image, masks) -> one overlay PNG each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image, masks in examples:
+        path = directory / f"{name}.png"
+        Image.fromarray(render_overlay(image, masks)).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_report(
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    quality: dict[str, float] | None,
+    overlays: list[Path],
+    notes: list[str],
+) -> Path:
+    """report.md (+ trends.png) in the run directory."""
+    plot = plot_trends(rows, run_dir / "trends.png")
+    lines = [
+        "# Data engine report",
+        "",
+        "Rows are rounds in order: the seed model, stage 1 (assisted-manual), stage 2 (semi-automatic),",
+        "stage 3 (fully automatic, then the final retrain). Seconds, clicks and brush rate are per new mask;",
+        "held-out mIoU is the interactive protocol on the held-out shards after the round's retrain.",
+        "",
+        markdown_table(rows),
+        "",
+        f"![trends]({plot.name})",
+        "",
+    ]
+    if quality:
+        lines += [
+            "## Stage 3 automatic masks against the GT",
+            "",
+            f"- {quality['masks']} masks on {quality['images']} images ({quality['masks_per_image']:.1f} per image)",
+            f"- IoU > 0.90 with their best GT object: {quality['share_iou_above_90']:.1%} (SAM paper: 94% against professional corrections)",
+            f"- IoU > 0.75 with their best GT object: {quality['share_iou_above_75']:.1%}",
+            f"- GT objects recalled at IoU > 0.5: {quality['gt_recall_50']:.1%}; at IoU > 0.75: {quality['gt_recall_75']:.1%}",
+            "",
+        ]
+    if overlays:
+        lines += ["## Automatic masks", ""] + [f"![{p.stem}]({p.relative_to(run_dir)})" for p in overlays] + [""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,217 @@
+"""The data engine: the ledger, the corpus split, resumable annotation and automatic stages, the cycle."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from data_engine.annotation_step import annotate_shards, summarize_images
+from data_engine.annotator import ImageAnnotation, MaskRecord
+from data_engine.automatic_step import generate_shards, iou_matrix, summarize_quality
+from data_engine.corpus import read_labelled_images, split_corpus
+from data_engine.ledger import ConfigChangedError, RunLedger
+from segany_train.data.shard_writer import read_manifest
+from segany_train.data.synthetic import write_synthetic_corpus
+from segany_train.train import CONFIG_DIR
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> list[str]:
+    directory = tmp_path_factory.mktemp("pool")
+    write_synthetic_corpus(directory, num_images=12, size=96, images_per_shard=3, min_objects=2, max_objects=4, progress=False)
+    return [str(p) for p in sorted(directory.glob("sa_*.tar"))]
+
+
+def _keys(shard: str) -> list[str]:
+    with tarfile.open(shard) as tar:
+        return sorted({Path(m.name).name.split(".")[0] for m in tar.getmembers()})
+
+
+def test_ledger_records_steps_and_refuses_another_config(tmp_path):
+    ledger = RunLedger(tmp_path, {"a": 1})
+    calls = []
+    assert ledger.run("s1", lambda: calls.append(1) or {"x": 1}) == {"x": 1}
+    assert RunLedger(tmp_path, {"a": 1}).run("s1", lambda: calls.append(2) or {"x": 2}) == {"x": 1}  # not rerun
+    assert calls == [1] and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ConfigChangedError, match="another engine configuration"):
+        RunLedger(tmp_path, {"a": 2})
+
+
+def test_corpus_split_partitions_the_pool(pool):
+    split = split_corpus(pool, seed_shards=1, holdout_shards=1, rounds=2)
+    assert split.seed == pool[:1] and split.holdout == pool[-1:]
+    assert split.pool == pool[1:-1] and [len(c) for c in split.chunks] == [1, 1]
+    with pytest.raises(ValueError, match="at least one pool shard for each of 3"):
+        split_corpus(pool, seed_shards=1, holdout_shards=1, rounds=3)
+
+
+class GroundTruthTool:
+    """A stand-in annotation tool (the Annotator interface): returns the GT objects missing from the
+    pre-filled masks, costing 5 s and 2 clicks each; fails on one given image to inject a kill."""
+
+    def __init__(self, gt_masks, key, fail_on=None):
+        self.gt_masks, self.key, self.fail_on = gt_masks, key, fail_on
+
+    def annotate(self, image, prefilled):
+        if self.key == self.fail_on:
+            raise KeyboardInterrupt("killed")
+        covered = {k for k, g in enumerate(self.gt_masks) for p in prefilled if (g & p).sum() / max((g | p).sum(), 1) > 0.9}
+        accepted = [i for i, p in enumerate(prefilled) if any((g & p).sum() / max((g | p).sum(), 1) > 0.9 for g in self.gt_masks)]
+        new = [g for k, g in enumerate(self.gt_masks) if k not in covered]
+        records = [MaskRecord(k, (), 0, 5.0, 1.0, 1.0, False) for k in range(len(new))]
+        return ImageAnnotation(masks=new, records=records, accepted_prefilled=accepted)
+
+
+def test_annotation_resumes_after_a_kill_without_losing_or_duplicating(pool, tmp_path):
+    inputs = pool[:3]
+    every_key = sorted(k for url in inputs for k in _keys(url))
+    doomed = _keys(inputs[1])[1]  # the second image of the second shard
+    with pytest.raises(KeyboardInterrupt):
+        annotate_shards(inputs, tmp_path, lambda item: GroundTruthTool(item.gt_masks, item.key, fail_on=doomed), progress=False)
+    assert sorted(read_manifest(tmp_path)["shards"]) == ["annotated-000000.tar"]  # only the complete shard
+    assert not (tmp_path / "annotated-000001.tar").exists()
+    out = annotate_shards(inputs, tmp_path, lambda item: GroundTruthTool(item.gt_masks, item.key), progress=False)
+    written = sorted(k for s in out["shards"] for k in _keys(s))
+    assert written == every_key  # every image once, none twice
+    assert sorted(read_manifest(tmp_path)["shards"]) == [Path(s).name for s in out["shards"]]
+    assert not list(tmp_path.glob("*.tmp"))
+    for item in read_labelled_images(out["shards"]):  # the annotated masks are the GT objects
+        assert len(item.gt_masks) == len(next(i for i in read_labelled_images(inputs) if i.key == item.key).gt_masks)
+    stats = summarize_images(out["images"])
+    assert stats["images"] == 9 and stats["seconds_per_mask"] == pytest.approx(5.0)
+
+
+def test_prefilled_masks_are_kept_counted_and_scored(pool, tmp_path):
+    def prefill(image):
+        item = next(i for i in read_labelled_images(pool[:1]) if np.array_equal(i.image, image))
+        wrong = np.zeros_like(item.gt_masks[0])
+        wrong[:5, :5] = True
+        return [item.gt_masks[0], wrong]
+
+    out = annotate_shards(pool[:1], tmp_path, lambda item: GroundTruthTool(item.gt_masks, item.key), prefill=prefill, progress=False)
+    stats = summarize_images(out["images"])
+    assert stats["prefilled_per_image"] == 2 and stats["prefilled_accepted_per_image"] == 1
+    assert stats["prefilled_precision"] == pytest.approx(0.5)
+    for item in read_labelled_images(out["shards"]):
+        original = next(i for i in read_labelled_images(pool[:1]) if i.key == item.key)
+        assert len(item.gt_masks) == len(original.gt_masks)  # accepted pre-filled + the rest, no duplicate
+
+
+class GroundTruthGenerator:
+    """A stand-in automatic mask generator: the GT masks of known images, plus one junk mask each."""
+
+    def __init__(self, shards, fail_after=None):
+        self.by_image = {i.image.tobytes(): i.gt_masks for i in read_labelled_images(shards)}
+        self.calls, self.fail_after = 0, fail_after
+
+    def generate(self, image):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("killed")
+        junk = np.zeros(image.shape[:2], bool)
+        junk[-3:, -3:] = True
+        masks = self.by_image[image.tobytes()] + [junk]
+        return [
+            {"segmentation": m, "predicted_iou": 0.9, "stability_score": 0.95, "point_coords": [[0.0, 0.0]], "crop_box": [0, 0, m.shape[1], m.shape[0]]}
+            for m in masks
+        ]
+
+
+def test_automatic_stage_resumes_and_measures_quality(pool, tmp_path):
+    inputs = pool[:2]
+    with pytest.raises(KeyboardInterrupt):
+        generate_shards(GroundTruthGenerator(inputs, fail_after=4), inputs, tmp_path, progress=False)
+    assert sorted(read_manifest(tmp_path)["shards"]) == ["automatic-000000.tar"]
+    out = generate_shards(GroundTruthGenerator(inputs), inputs, tmp_path, progress=False)
+    assert sorted(k for s in out["shards"] for k in _keys(s)) == sorted(k for u in inputs for k in _keys(u))
+    quality = summarize_quality(out["images"])
+    gt_total = sum(len(i.gt_masks) for i in read_labelled_images(inputs))
+    assert quality["masks"] == gt_total + 6  # one junk mask per image
+    assert quality["share_iou_above_90"] == pytest.approx(gt_total / (gt_total + 6))
+    assert quality["gt_recall_75"] == 1.0
+    with open(out["shards"][0].replace(".tar", ".stats.json")) as f:
+        assert json.load(f)["shard"] == "automatic-000000.tar"
+
+
+def test_iou_matrix_against_brute_force():
+    rng = np.random.default_rng(0)
+    a = [rng.random((7, 9)) < 0.4 for _ in range(3)]
+    b = [rng.random((7, 9)) < 0.5 for _ in range(4)] + [np.zeros((7, 9), bool)]
+    expected = np.array([[(x & y).sum() / max((x | y).sum(), 1) for y in b] for x in a])
+    assert np.allclose(iou_matrix(a, b), expected)
+
+
+def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(
+            "engine/cycle",
+            overrides=[
+                f"run_dir={tmp_path / 'run'}",
+                "progress=false",
+                f"corpus.synthetic.directory={corpus}",
+                "corpus.synthetic.num_images=14",
+                "corpus.synthetic.images_per_shard=2",
+                "corpus.synthetic.size=96",
+                f"corpus.shards={corpus}/sa_{{000000..000006}}.tar",
+                "corpus.seed_shards=2",
+                "corpus.holdout_shards=1",
+                "training.seed_steps=3",
+                "training.overrides=[experiment=tiny_synthetic_cpu,data.num_workers=0,data.max_masks=4,prompting.num_iterations=2,prompting.num_correction_clicks=1,callbacks.checkpoint_every_n_steps=1]",
+                "stage1.rounds=2",
+                "stage1.train_steps=2",
+                "stage2.rounds=2",
+                "stage2.train_steps=2",
+                "stage2.detector.steps=3",
+                "stage2.prefill.pred_iou_thresh=0.0",
+                "stage2.prefill.stability_score_thresh=0.0",
+                "stage2.prefill.score_threshold=0.0",
+                "stage3.generator.points_per_side=4",
+                "stage3.generator.pred_iou_thresh=0.0",
+                "stage3.generator.stability_score_thresh=0.0",
+                "stage3.train_steps=2",
+                "eval.max_images=2",
+                "report.overlays=1",
+                *extra,
+            ],
+        )
+
+
+def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(tmp_path, monkeypatch):
+    from data_engine import engine
+
+    corpus = tmp_path / "corpus"
+    cfg = _engine_config(tmp_path, corpus)
+    real_retrain, calls = engine.retrain, {"n": 0}
+
+    def flaky_retrain(*args, **kwargs):  # the third retrain (stage 1 round 2) is killed partway
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed while training")
+        return real_retrain(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "retrain", flaky_retrain)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_engine(cfg)
+    ledger = json.loads((tmp_path / "run" / "engine.json").read_text())
+    assert ledger["order"][:5] == ["seed/train", "seed/eval", "stage1/round1/annotate", "stage1/round1/train", "stage1/round1/eval"]
+    assert "stage1/round2/annotate" in ledger["order"] and "stage1/round2/train" not in ledger["steps"]
+
+    monkeypatch.setattr(engine, "retrain", real_retrain)
+    report = engine.run_engine(cfg)
+    ledger = json.loads((tmp_path / "run" / "engine.json").read_text())
+    assert ledger["order"].count("stage1/round1/annotate") == 1
+    expected = ["stage2/detector", "stage2/round2/eval", "stage3/generate", "stage3/train", "stage3/eval"]
+    assert all(step in ledger["steps"] for step in expected)
+    text = report.read_text()
+    assert "| stage2 | 2 |" in text and "held-out mIoU@5" in text and (tmp_path / "run" / "trends.png").exists()
+    # every pool image annotated exactly once across the rounds, and stage 3 covered the whole pool
+    annotated = [k for s in Path(tmp_path / "run").glob("stage[12]/round*/annotate/annotated-*.tar") for k in _keys(str(s))]
+    assert len(annotated) == len(set(annotated))
+    pool_keys = {k for i in range(2, 6) for k in _keys(str(corpus / f"sa_{i:06d}.tar"))}
+    assert set(annotated) <= pool_keys
+    stage3 = json.loads((tmp_path / "run" / "engine.json").read_text())["steps"]["stage3/generate"]["quality"]
+    assert stage3["images"] == len(pool_keys)
+    assert engine.run_engine(cfg) == report  # a finished run only rewrites the report
