@@ -1,6 +1,7 @@
 """SamAutomaticMaskGenerator: every mask of an image from a grid of point prompts (the data engine's stage 3)."""
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -146,12 +147,12 @@ class SamAutomaticMaskGenerator:
             raise TypeError(f"model must be a segany_train Sam, got {type(model).__name__}")
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side or point_grids")
-        if not isinstance(crop_n_layers, int) or crop_n_layers < 0:
+        if not isinstance(crop_n_layers, Integral) or crop_n_layers < 0:
             raise ValueError(f"crop_n_layers must be a non-negative integer, got {crop_n_layers!r}")
         if points_per_side is not None:
-            if not isinstance(points_per_side, int) or points_per_side < 1:
+            if not isinstance(points_per_side, Integral) or points_per_side < 1:
                 raise ValueError(f"points_per_side must be a positive integer, got {points_per_side!r}")
-            if not isinstance(crop_n_points_downscale_factor, int) or crop_n_points_downscale_factor < 1:
+            if not isinstance(crop_n_points_downscale_factor, Integral) or crop_n_points_downscale_factor < 1:
                 raise ValueError(f"crop_n_points_downscale_factor must be an integer >= 1, got {crop_n_points_downscale_factor!r}")
             self.point_grids = layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         else:
@@ -162,7 +163,7 @@ class SamAutomaticMaskGenerator:
                 )
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
-        if not isinstance(points_per_batch, int) or points_per_batch < 1:
+        if not isinstance(points_per_batch, Integral) or points_per_batch < 1:
             raise ValueError(f"points_per_batch must be a positive integer, got {points_per_batch!r}")
         if not 0 <= crop_overlap_ratio < 1:
             raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {crop_overlap_ratio}")
