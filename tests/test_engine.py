@@ -144,6 +144,17 @@ def test_iou_matrix_against_brute_force():
     assert np.allclose(iou_matrix(a, b), expected)
 
 
+TRAINING = [
+    "experiment=tiny_synthetic_cpu",
+    "data.num_workers=0",
+    "data.max_masks=4",
+    "prompting.num_iterations=2",
+    "prompting.num_correction_clicks=1",
+    "callbacks.checkpoint_every_n_steps=1",
+    "callbacks.progress_bar=false",
+]
+
+
 def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose(
@@ -155,11 +166,11 @@ def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
                 "corpus.synthetic.num_images=14",
                 "corpus.synthetic.images_per_shard=2",
                 "corpus.synthetic.size=96",
-                f"corpus.shards={corpus}/sa_{{000000..000006}}.tar",
+                f"corpus.shards='{corpus}/sa_{{000000..000006}}.tar'",
                 "corpus.seed_shards=2",
                 "corpus.holdout_shards=1",
                 "training.seed_steps=3",
-                "training.overrides=[experiment=tiny_synthetic_cpu,data.num_workers=0,data.max_masks=4,prompting.num_iterations=2,prompting.num_correction_clicks=1,callbacks.checkpoint_every_n_steps=1]",
+                "training.overrides=[" + ",".join(f"'{o}'" for o in TRAINING) + "]",
                 "stage1.rounds=2",
                 "stage1.train_steps=2",
                 "stage2.rounds=2",
