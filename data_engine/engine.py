@@ -158,7 +158,12 @@ class Engine:
 
         def work() -> dict[str, Any]:
             path = train_prefill_detector(
-                load_model(checkpoint), shards, self.ledger.step_dir(step), settings=self.cfg.stage2.detector, seed=self.cfg.seed
+                load_model(checkpoint),
+                shards,
+                self.ledger.step_dir(step),
+                settings=self.cfg.stage2.detector,
+                seed=self.cfg.seed,
+                progress=self.cfg.progress,
             )
             return {"detector": self._relative(path), "model": self._relative(checkpoint)}
 

@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine import box_detector
+from data_engine import object_detector as box_detector
 from segany_train.amg.mask_ops import box_nms, masks_to_boxes, stability_score
 from segany_train.model import Sam
 from segany_train.predictor import SamPredictor
 
 
-def train_prefill_detector(sam: Sam, shards: list[str], out_dir: Path, *, settings: Any, seed: int) -> Path:
+def train_prefill_detector(sam: Sam, shards: list[str], out_dir: Path, *, settings: Any, seed: int, progress: bool = True) -> Path:
     """Trains the class-agnostic box head on the frozen embeddings of `sam` over the annotated shards."""
     head = box_detector.train_box_detector(
-        sam, shards, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, seed=seed
+        sam, shards, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, seed=seed, progress=progress
     )
     return box_detector.save_box_head(head, Path(out_dir) / "box_head.pt")
 

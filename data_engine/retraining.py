@@ -7,6 +7,7 @@ checkpoint, so a kill mid-training resumes from its last Lightning checkpoint (`
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segany_train.train import CONFIG_DIR, train
@@ -14,6 +15,8 @@ from segany_train.train import CONFIG_DIR, train
 
 def compose_training_config(overrides: list[str]) -> DictConfig:
     """The training config `segany-train <overrides>` would run (the engine's model and recipe)."""
+    if GlobalHydra.instance().is_initialized():  # inside segany-engine's @hydra.main: same config dir
+        return compose(config_name="train", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose(config_name="train", overrides=list(overrides))
 
