@@ -102,6 +102,7 @@ class Engine:
                         steps=steps,
                         init_checkpoint=init,
                         seed=self.cfg.seed + len(self.ledger.state["order"]),
+                        lr=None if init is None else self.cfg.training.retrain_lr,
                         progress=self.cfg.progress,
                     )
                 ),
@@ -147,7 +148,8 @@ class Engine:
                 chunk += 1
                 annotated.append(ann)
                 steps = cfg[stage].train_steps
-                checkpoint = self._train(f"{step}/train", _shard_list(annotated), checkpoint, steps, split.holdout)
+                shards = _shard_list(annotated) + (split.seed if cfg.training.keep_seed_data else [])
+                checkpoint = self._train(f"{step}/train", shards, checkpoint, steps, split.holdout)
                 self.rows.append({"stage": stage, "round": r, **ann["stats"], **self._evaluate(f"{step}/eval", checkpoint, split.holdout)})
         quality, overlays = self._stage3(checkpoint, split, _shard_list(annotated))
         notes = [f"run directory: {self.run_dir}", f"pool: {len(split.pool)} shards; held out: {len(split.holdout)}"]

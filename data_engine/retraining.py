@@ -30,10 +30,13 @@ def retrain(
     steps: int,
     init_checkpoint: str | None,
     seed: int,
+    lr: float | None = None,
     progress: bool = True,
 ) -> str:
     """Trains `steps` optimiser steps on `train_shards` from `init_checkpoint` (None: from scratch);
-    returns the final checkpoint's path. No validation inside: the engine evaluates each round itself."""
+    returns the final checkpoint's path; `lr` replaces the recipe's peak learning rate (a fine-tuning
+    round from a trained model wants a smaller one than training from scratch). No validation
+    inside: the engine evaluates each round itself."""
     if not train_shards:
         raise ValueError("nothing to train on: the round produced no annotated shard")
     cfg = base.copy()
@@ -48,6 +51,8 @@ def retrain(
         cfg.trainer.max_steps = steps
         cfg.trainer.limit_val_batches = 0
         cfg.optim.total_steps = steps
+        if lr is not None:
+            cfg.optim.lr = lr
         cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
         if cfg.optim.schedule == "step":
             cfg.optim.milestones = [int(steps * 2 / 3), int(steps * 26 / 27)]
