@@ -28,7 +28,7 @@ from data_engine.report import save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.synthetic import write_synthetic_corpus
+from segany_train.data.synthetic import write_configured_corpus
 from segany_train.evaluation.interactive import InteractiveEvalConfig, evaluate_interactive
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
@@ -203,18 +203,8 @@ class Engine:
 
 def prepare_corpus(cfg: DictConfig) -> None:
     """Writes the synthetic corpus when the config names one (resumable, deterministic)."""
-    syn = cfg.corpus.synthetic
-    if syn:
-        write_synthetic_corpus(
-            syn.directory,
-            num_images=syn.num_images,
-            seed=syn.seed,
-            size=syn.size,
-            images_per_shard=syn.images_per_shard,
-            min_objects=syn.min_objects,
-            max_objects=syn.max_objects,
-            progress=cfg.progress,
-        )
+    if cfg.corpus.synthetic:
+        write_configured_corpus(cfg.corpus.synthetic, progress=cfg.progress)
 
 
 def run_engine(cfg: DictConfig) -> Path:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from segany_train.data.datamodule import SA1BDataModule
-from segany_train.data.synthetic import write_synthetic_corpus
+from segany_train.data.synthetic import write_configured_corpus
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam, build_sam_by_name
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
@@ -56,16 +56,7 @@ def build_model(model_cfg: DictConfig) -> Sam:
 def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     """The DataModule; the synthetic corpus is generated first when the config names one."""
     if data_cfg.get("synthetic"):
-        syn = data_cfg.synthetic
-        write_synthetic_corpus(
-            syn.directory,
-            num_images=syn.num_images,
-            seed=syn.seed,
-            size=syn.size,
-            images_per_shard=syn.images_per_shard,
-            min_objects=syn.min_objects,
-            max_objects=syn.max_objects,
-        )
+        write_configured_corpus(data_cfg.synthetic)
     image_size = data_cfg.image_size or sam.image_encoder.img_size
     sample = SampleConfig(
         image_size=image_size,

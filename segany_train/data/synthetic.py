@@ -26,6 +26,7 @@ the same pixels, JPEG bytes and JSON. Command line: `python -m segany_train.data
 import argparse
 import json
 import time
+from collections.abc import Mapping
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
@@ -306,6 +307,22 @@ def write_synthetic_corpus(
                     bar.update(1)
             paths.extend(writer.written)
     return paths
+
+
+
+def write_configured_corpus(settings: Mapping[str, Any], *, progress: bool = True) -> list[Path]:
+    """`write_synthetic_corpus` from a config's `synthetic` section (directory, num_images, seed, size,
+    images_per_shard, min_objects, max_objects), as segany-train and segany-engine give it."""
+    return write_synthetic_corpus(
+        settings["directory"],
+        num_images=settings["num_images"],
+        seed=settings["seed"],
+        size=settings["size"],
+        images_per_shard=settings["images_per_shard"],
+        min_objects=settings["min_objects"],
+        max_objects=settings["max_objects"],
+        progress=progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
