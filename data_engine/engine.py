@@ -151,7 +151,7 @@ class Engine:
                 shards = _shard_list(annotated) + (split.seed if cfg.training.keep_seed_data else [])
                 checkpoint = self._train(f"{step}/train", shards, checkpoint, steps, split.holdout)
                 self.rows.append({"stage": stage, "round": r, **ann["stats"], **self._evaluate(f"{step}/eval", checkpoint, split.holdout)})
-        quality, overlays = self._stage3(checkpoint, split, _shard_list(annotated))
+        quality, overlays = self.automatic_stage(checkpoint, split, _shard_list(annotated))
         notes = [f"run directory: {self.run_dir}", f"pool: {len(split.pool)} shards; held out: {len(split.holdout)}"]
         return write_report(self.run_dir, self.rows, quality, overlays, notes)
 
@@ -171,7 +171,10 @@ class Engine:
 
         return self._absolute(self.ledger.run(step, work)["detector"])
 
-    def _stage3(self, checkpoint: str, split: CorpusSplit, manual: list[str]) -> tuple[dict[str, float], list[Path]]:
+    def automatic_stage(
+        self, checkpoint: str, split: CorpusSplit, manual: list[str], retrain_after: bool = True
+    ) -> tuple[dict[str, float], list[Path]]:
+        """Stage 3 over the pool with `checkpoint`, then (optionally) the final retrain."""
         cfg = self.cfg
 
         def generate() -> dict[str, Any]:
@@ -184,7 +187,7 @@ class Engine:
         quality = auto["quality"]
         self.rows.append({"stage": "stage3", "round": None, "images": quality["images"], "masks_per_image": quality["masks_per_image"]})
         overlays = self._overlays(auto_shards[:1])
-        if cfg.stage3.train_steps:
+        if retrain_after and cfg.stage3.train_steps:
             # the paper's final SAM trained on automatic masks only; mixing in the manual masks, each
             # shard listed `oversample_manual` times, is the ablation that helped slightly
             mix = manual * cfg.stage3.oversample_manual if cfg.stage3.mix_manual else []
@@ -219,7 +222,8 @@ def run_engine(cfg: DictConfig) -> Path:
         if not cfg.checkpoint:
             raise ValueError("only=stage3 needs checkpoint=<a segany-train .ckpt or official .pth>")
         split = CorpusSplit(seed=[], chunks=[expand_shard_patterns(cfg.corpus.shards)], holdout=[])
-        quality, overlays = engine._stage3(str(Path(cfg.checkpoint).resolve()), split, manual=[])
+        # a team's own images: the masks are the product; no held-out set to retrain against
+        quality, overlays = engine.automatic_stage(str(Path(cfg.checkpoint).resolve()), split, manual=[], retrain_after=False)
         return write_report(engine.run_dir, engine.rows, quality, overlays, [f"stage 3 alone with {cfg.checkpoint}"])
     if cfg.only:
         raise ValueError(f"only must be null or stage3, got {cfg.only!r}")

@@ -226,3 +226,11 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     stage3 = json.loads((tmp_path / "run" / "engine.json").read_text())["steps"]["stage3/generate"]["quality"]
     assert stage3["images"] == len(pool_keys)
     assert engine.run_engine(cfg) == report  # a finished run only rewrites the report
+
+    # stage 3 alone: a team's own shards and model, no cycle around it
+    final = tmp_path / "run" / ledger["steps"]["stage3/train"]["checkpoint"]
+    extra = ["only=stage3", f"checkpoint={final}", "corpus.synthetic=null", f"corpus.shards='{corpus}/sa_000006.tar'"]
+    alone = engine.run_engine(_engine_config(tmp_path / "alone", corpus, extra))
+    automatic = sorted((tmp_path / "alone" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
+    assert [k for s in automatic for k in _keys(str(s))] == _keys(str(corpus / "sa_000006.tar"))
+    assert "Stage 3 automatic masks" in alone.read_text()
