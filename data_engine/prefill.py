@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine import object_detector as box_detector
+from data_engine import box_detector
 from segany_train.amg.mask_ops import box_nms, masks_to_boxes, stability_score
 from segany_train.model import Sam
 from segany_train.predictor import SamPredictor
