@@ -186,11 +186,13 @@ class Engine:
         auto_shards = [self._absolute(s) for s in auto["shards"]]
         quality = auto["quality"]
         self.rows.append({"stage": "stage3", "round": None, "images": quality["images"], "masks_per_image": quality["masks_per_image"]})
-        overlays = self._overlays(auto_shards[:1])
-        if retrain_after and cfg.stage3.train_steps:
+        # the generator may keep no mask at all (thresholds above what the model's IoU head reads):
+        # the report shows 0 masks, and the final retrain has only the manual masks, if mixed in
+        overlays = self._overlays(auto_shards[:1]) if auto_shards else []
+        mix = manual * cfg.stage3.oversample_manual if cfg.stage3.mix_manual else []
+        if retrain_after and cfg.stage3.train_steps and auto_shards + mix:
             # the paper's final SAM trained on automatic masks only; mixing in the manual masks, each
             # shard listed `oversample_manual` times, is the ablation that helped slightly
-            mix = manual * cfg.stage3.oversample_manual if cfg.stage3.mix_manual else []
             final = self._train("stage3/train", auto_shards + mix, checkpoint, cfg.stage3.train_steps, split.holdout)
             self.rows.append({"stage": "final", "round": None, **self._evaluate("stage3/eval", final, split.holdout)})
         return quality, overlays

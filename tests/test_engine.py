@@ -234,3 +234,8 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     automatic = sorted((tmp_path / "alone" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
     assert [k for s in automatic for k in _keys(str(s))] == _keys(str(corpus / "sa_000006.tar"))
     assert "Stage 3 automatic masks" in alone.read_text()
+
+    # a generator that keeps no mask leaves no shard, and the report says so instead of failing
+    strict = engine.run_engine(_engine_config(tmp_path / "strict", corpus, [*extra, "stage3.generator.pred_iou_thresh=1.0"]))
+    assert "- 0 masks on 2 images" in strict.read_text()
+    assert not list((tmp_path / "strict" / "run" / "stage3" / "generate").glob("*.tar"))
