@@ -51,7 +51,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def plot_trends(rows: list[dict[str, Any]], path: Path) -> Path:
     """One panel per statistic, rounds in order along x, coloured by stage."""
     fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.4))
-    labels = [f"{r['stage']}{'' if r['round'] is None else r['round']}" for r in rows]
+    labels = [r["stage"] if r["round"] is None else f"{r['stage']} r{r['round']}" for r in rows]
     colours = {"seed": "grey", "stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green"}
     for ax, (key, title) in zip(axes, PLOTS):
         xs = [i for i, r in enumerate(rows) if r.get(key) is not None and not math.isnan(r[key])]
