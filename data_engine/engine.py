@@ -140,7 +140,7 @@ class Engine:
         for stage, rounds in (("stage1", cfg.stage1.rounds), ("stage2", cfg.stage2.rounds)):
             prefill = None
             if stage == "stage2" and rounds:
-                detector_path = self._detector(checkpoint, _shard_list(annotated), split.holdout)
+                detector_path = self._detector(checkpoint, _shard_list(annotated))
                 prefill = partial(BoxPrefill.from_files, detector_path, settings=cfg.stage2.prefill)
             for r in range(1, rounds + 1):
                 step = f"{stage}/round{r}"
@@ -155,7 +155,7 @@ class Engine:
         notes = [f"run directory: {self.run_dir}", f"pool: {len(split.pool)} shards; held out: {len(split.holdout)}"]
         return write_report(self.run_dir, self.rows, quality, overlays, notes)
 
-    def _detector(self, checkpoint: str, shards: list[str], holdout: list[str]) -> str:
+    def _detector(self, checkpoint: str, shards: list[str]) -> str:
         step = "stage2/detector"
 
         def work() -> dict[str, Any]:
