@@ -46,7 +46,7 @@ class ImageStats:
     mask_ious: list[float]
 
 
-def _best_iou_to_gt(mask: np.ndarray, gt_masks: list[np.ndarray]) -> float:
+def best_iou_to_gt(mask: np.ndarray, gt_masks: list[np.ndarray]) -> float:
     if not gt_masks:
         return 0.0
     gt = np.stack(gt_masks).reshape(len(gt_masks), -1)
@@ -63,7 +63,7 @@ def _image_stats(item: LabelledImage, prefilled: list[np.ndarray], result: Image
         new_masks=len(result.masks),
         prefilled=len(prefilled),
         prefilled_accepted=result.num_accepted_prefilled,
-        prefilled_correct=sum(_best_iou_to_gt(m, item.gt_masks) > 0.75 for m in prefilled),
+        prefilled_correct=sum(best_iou_to_gt(m, item.gt_masks) > 0.75 for m in prefilled),
         gt_objects=len(item.gt_masks),
         seconds=result.seconds,
         clicks=sum(r.num_clicks for r in result.records),
@@ -86,7 +86,7 @@ def _annotated_record(item: LabelledImage, masks: list[np.ndarray]) -> dict[str,
     )
 
 
-def _write_json_atomically(path: Path, value: Any) -> None:
+def write_json_atomically(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)
@@ -133,7 +133,7 @@ def annotate_shards(
                     writer.write(item.key, item.jpeg, _annotated_record(item, kept))
             # the statistics first, then the shard's rename and manifest entry: the latter marks it done
             wrote = any(i["masks"] for i in shard_images)
-            _write_json_atomically(stats_path, {"shard": name if wrote else None, "images": shard_images})
+            write_json_atomically(stats_path, {"shard": name if wrote else None, "images": shard_images})
         if wrote:
             shards.append(str(out_dir / name))
         images += shard_images

@@ -9,6 +9,7 @@ Every step's outputs live in the run directory and are recorded in engine.json (
 same command continues a killed run. `only=stage3` runs stage 3 alone on given shards and checkpoint.
 """
 
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_engine.annotation_step import annotate_shards, summarize_images
+from data_engine.annotation_tasks import TASKS_FILE, AwaitingAnnotation, export_tasks, import_annotations
 from data_engine.annotator import SimulatedAnnotator, TimeModel
 from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
@@ -33,6 +35,8 @@ from segany_train.evaluation.interactive import InteractiveEvalConfig, evaluate_
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
 from segany_train.train import CONFIG_DIR
+
+EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
 
 
 def load_model(checkpoint: str) -> Sam:
@@ -116,16 +120,26 @@ class Engine:
 
     def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
-            predictor = SamPredictor(load_model(checkpoint))
-            out = annotate_shards(
-                chunk,
-                self.ledger.step_dir(step),
-                _annotator_factory(predictor, self.cfg),
-                prefill=prefill(predictor) if prefill else None,
-                first_index=first_index,
-                progress=self.cfg.progress,
-                description=step,
-            )
+            step_dir = self.ledger.step_dir(step)
+            kind = self.cfg.annotator.kind
+            if kind == "coco_tasks":  # a real tool: export, wait for its result, import
+                if not (step_dir / "tasks" / TASKS_FILE).exists():
+                    shown = prefill(SamPredictor(load_model(checkpoint))) if prefill else None
+                    export_tasks(chunk, step_dir / "tasks", prefill=shown, progress=self.cfg.progress)
+                out = import_annotations(step_dir / "tasks", step_dir, first_index=first_index)
+            elif kind == "simulated":
+                predictor = SamPredictor(load_model(checkpoint))
+                out = annotate_shards(
+                    chunk,
+                    step_dir,
+                    _annotator_factory(predictor, self.cfg),
+                    prefill=prefill(predictor) if prefill else None,
+                    first_index=first_index,
+                    progress=self.cfg.progress,
+                    description=step,
+                )
+            else:
+                raise ValueError(f"annotator.kind must be simulated or coco_tasks, got {kind!r}")
             return {"shards": [self._relative(s) for s in out["shards"]], "stats": summarize_images(out["images"])}
 
         result = self.ledger.run(step, work)
@@ -236,7 +250,11 @@ def run_engine(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="engine/cycle")
 def main(cfg: DictConfig) -> None:
-    report = run_engine(cfg)
+    try:
+        report = run_engine(cfg)
+    except AwaitingAnnotation as waiting:  # annotator.kind=coco_tasks: a round's tasks are out
+        print(f"waiting for annotations: {waiting}", file=sys.stderr)
+        sys.exit(EXIT_AWAITING_ANNOTATION)
     print(report.read_text())
     print(f"\nreport: {report}")
 

@@ -239,3 +239,40 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     strict = engine.run_engine(_engine_config(tmp_path / "strict", corpus, [*extra, "stage3.generator.pred_iou_thresh=1.0"]))
     assert "- 0 masks on 2 images" in strict.read_text()
     assert not list((tmp_path / "strict" / "run" / "stage3" / "generate").glob("*.tar"))
+
+
+def _answer_tasks_with_ground_truth(task_dir: Path) -> None:
+    """Stands in for a real annotation tool: exports every exported image's GT objects as COCO RLEs."""
+    from data_engine.annotation_tasks import INDEX_FILE, RESULT_FILE, TASKS_FILE
+    from segany_train.data.sa1b import annotation_from_mask
+
+    tasks = json.loads((task_dir / TASKS_FILE).read_text())
+    index = json.loads((task_dir / INDEX_FILE).read_text())
+    gt = {item.key: item.gt_masks for item in read_labelled_images(index["shards"])}
+    annotations = []
+    for image in tasks["images"]:
+        for mask in gt[index["images"][image["file_name"]]["key"]]:
+            ann = annotation_from_mask(mask, annotation_id=len(annotations) + 1)
+            annotations.append({**ann, "image_id": image["id"], "category_id": 1, "iscrowd": 0})
+    (task_dir / RESULT_FILE).write_text(json.dumps({**tasks, "annotations": annotations}))
+
+
+def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp_path):
+    from data_engine import engine
+    from data_engine.annotation_tasks import AwaitingAnnotation
+
+    corpus = tmp_path / "corpus"
+    cfg = _engine_config(tmp_path, corpus, ["annotator.kind=coco_tasks", "stage1.rounds=1", "stage2.rounds=1", "stage3.train_steps=0"])
+    run = tmp_path / "run"
+    for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
+        with pytest.raises(AwaitingAnnotation, match="annotations.json"):
+            engine.run_engine(cfg)
+        assert step not in json.loads((run / "engine.json").read_text())["steps"]
+        _answer_tasks_with_ground_truth(run / step / "tasks")
+    report = engine.run_engine(cfg).read_text()
+    steps = json.loads((run / "engine.json").read_text())["steps"]
+    for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
+        stats = steps[step]["stats"]
+        assert stats["masks_per_image"] == stats["gt_objects_per_image"] > 0  # every GT object came back
+    assert "stage2/detector" in steps  # stage 2's tasks went out with the detector's pre-fill (none, this untrained)
+    assert "| stage2 | 1 |" in report

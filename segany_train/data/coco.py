@@ -146,8 +146,8 @@ def _convert_annotation(ann: dict[str, Any], height: int, width: int, skip_crowd
     return converted
 
 
-class _Converter:
-    """Per-image conversion state: the report being filled and the warnings to give."""
+class CocoImageConverter:
+    """COCO images with their annotations -> SA-1B samples, counting (and warning about) what it skips."""
 
     def __init__(self, image_dir: Path, skip_crowd: bool) -> None:
         self.image_dir = image_dir
@@ -183,7 +183,7 @@ class _Converter:
         return sample_key(image["id"]), jpeg, record
 
 
-def _images_with_annotations(dataset: dict[str, Any], converter: _Converter) -> list[tuple[dict, list[dict]]]:
+def images_with_annotations(dataset: dict[str, Any], converter: CocoImageConverter) -> list[tuple[dict, list[dict]]]:
     """(image, its annotations) pairs; duplicate image ids and annotations of unknown images are skipped."""
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for ann in dataset.get("annotations", []):
@@ -225,10 +225,10 @@ def coco_to_shards(
         # the writer numbers shards from 0: it would overwrite some old shards and leave others behind
         raise FileExistsError(f"{out_dir} already holds shards; convert into an empty directory")
     dataset = json.loads(Path(annotation_file).read_text())
-    converter = _Converter(Path(image_dir), skip_crowd)
+    converter = CocoImageConverter(Path(image_dir), skip_crowd)
     report = ConversionReport()
     with SA1BShardWriter(out_dir, max_samples_per_shard=images_per_shard) as writer:
-        pairs = _images_with_annotations(dataset, converter)
+        pairs = images_with_annotations(dataset, converter)
         for image, anns in tqdm(pairs, disable=not progress, unit="image"):
             sample = converter.convert(image, anns)
             if sample is not None:

@@ -1,0 +1,192 @@
+"""Stages 1 and 2 with a real annotation tool: tasks go out as COCO JSON, the tool's result comes back.
+
+A round's chunk of the pool is exported as a task directory that CVAT, Label Studio and most other
+tools import as a COCO instances dataset:
+
+    <task_dir>/images/<key>.jpg    the images, byte for byte as in the shards
+    <task_dir>/tasks.json          COCO: the images, one "object" category, and in stage 2 the
+                                   pre-filled masks as RLE annotations to accept, fix or delete
+    <task_dir>/task_index.json     which input shard each image came from, and its SA-1B image id
+
+The annotators' work, exported from the tool as COCO JSON (polygons or RLE), is put at
+`<task_dir>/annotations.json` and imported: one `annotated-<index>.tar` shard per input shard, the
+same shards and statistics files the simulated annotators write (`annotation_step.py`), so the rest
+of the engine does not know who annotated. Images are matched by file name, because tools renumber
+image ids; images the result lacks and annotations that cannot be read are counted, never dropped
+silently. Without a clock in COCO, seconds and clicks per mask are not known (recorded as NaN).
+"""
+
+import json
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from data_engine.annotation_step import ImageStats, Prefill, best_iou_to_gt, write_json_atomically
+from data_engine.corpus import gt_masks_of, read_labelled_images
+from segany_train.data.coco import CocoConversionWarning, CocoImageConverter, images_with_annotations
+from segany_train.data.sa1b import annotation_from_mask, make_record
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+
+TASKS_FILE = "tasks.json"
+INDEX_FILE = "task_index.json"
+RESULT_FILE = "annotations.json"
+IMAGES_DIR = "images"
+CATEGORY = {"id": 1, "name": "object"}
+
+
+class AwaitingAnnotation(RuntimeError):
+    """The tasks are exported and the tool's result is not there yet; the message says where to put it."""
+
+
+def export_tasks(input_shards: list[str], task_dir: str | Path, *, prefill: Prefill | None = None, progress: bool = True) -> Path:
+    """Writes the task directory for `input_shards` (pre-filled masks from `prefill`, if given);
+    returns the path of tasks.json. Written last and atomically, so an interrupted export is redone."""
+    task_dir = Path(task_dir)
+    tasks_path = task_dir / TASKS_FILE
+    if tasks_path.exists():
+        return tasks_path
+    (task_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    images, annotations, index = [], [], {}
+    for position, url in enumerate(input_shards):
+        for item in tqdm(list(read_labelled_images([url])), desc=f"export {Path(url).name}", disable=not progress):
+            info = item.record["image"]
+            file_name = f"{item.key}.jpg"
+            (task_dir / IMAGES_DIR / file_name).write_bytes(item.jpeg)
+            image_id = len(images) + 1
+            images.append({"id": image_id, "file_name": file_name, "width": info["width"], "height": info["height"]})
+            index[file_name] = {"shard": position, "image_id": info["image_id"], "key": item.key}
+            for mask in prefill(item.image) if prefill is not None else []:
+                ann = annotation_from_mask(mask, annotation_id=len(annotations) + 1)
+                annotations.append(
+                    {
+                        "id": ann["id"],
+                        "image_id": image_id,
+                        "category_id": CATEGORY["id"],
+                        "segmentation": ann["segmentation"],
+                        "area": ann["area"],
+                        "bbox": ann["bbox"],
+                        "iscrowd": 0,
+                        "attributes": {"prefilled": True},
+                    }
+                )
+    write_json_atomically(task_dir / INDEX_FILE, {"shards": list(input_shards), "images": index})
+    write_json_atomically(tasks_path, {"images": images, "annotations": annotations, "categories": [CATEGORY]})
+    return tasks_path
+
+
+def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index: int = 0) -> dict[str, Any]:
+    """The tool's `annotations.json` in `task_dir` as annotated shards in `out_dir` (input shard k of
+    the task becomes `annotated-<first_index+k>.tar`, with its statistics file).
+
+    Returns {"shards": [paths], "images": [ImageStats dicts], "skipped": {reason: count}}.
+    Raises AwaitingAnnotation when the result file is not there yet.
+    """
+    task_dir, out_dir = Path(task_dir), Path(out_dir)
+    result_path = task_dir / RESULT_FILE
+    if not result_path.exists():
+        raise AwaitingAnnotation(
+            f"the annotation tasks are in {task_dir} ({TASKS_FILE} with the images in {IMAGES_DIR}/); "
+            f"import them into the annotation tool, export the result as COCO JSON to {result_path}, "
+            "then run the same command again"
+        )
+    try:
+        result = json.loads(result_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{result_path} is not valid JSON: {error}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("images"), list):
+        raise ValueError(f"{result_path} is not a COCO instances file (it needs an 'images' list)")
+    task_index = json.loads((task_dir / INDEX_FILE).read_text())
+    exported = json.loads((task_dir / TASKS_FILE).read_text())
+    prefilled_per_file = _prefilled_masks(exported)
+    gt_per_key = {item.key: item.gt_masks for item in read_labelled_images(task_index["shards"])}
+
+    converter = CocoImageConverter(task_dir / IMAGES_DIR, skip_crowd=True)
+    by_shard: dict[int, list[tuple[str, bytes, dict[str, Any], str]]] = defaultdict(list)
+    returned = set()
+    for image, anns in images_with_annotations(result, converter):
+        entry = task_index["images"].get(image.get("file_name"))
+        if entry is None:
+            converter.skip("images_not_in_task", f"image {image.get('file_name')}", "not one of the exported images", 1)
+            continue
+        returned.add(image["file_name"])
+        # the tool's ids mean nothing to the corpus: the SA-1B image id and key come from the task
+        sample = converter.convert({**image, "id": entry["image_id"]}, anns)
+        if sample is not None:
+            by_shard[entry["shard"]].append((entry["key"], sample[1], sample[2], image["file_name"]))
+    missing = sorted(set(task_index["images"]) - returned)
+    if missing:
+        converter.skipped["images_missing_from_result"] += len(missing)
+        warnings.warn(f"{len(missing)} exported image(s) are not in {result_path}, e.g. {missing[0]}", CocoConversionWarning, stacklevel=2)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, images = [], []
+    for position in range(len(task_index["shards"])):
+        index = first_index + position
+        name = f"annotated-{index:06d}.tar"
+        stats_path = out_dir / f"annotated-{index:06d}.stats.json"
+        if stats_path.exists() and json.loads(stats_path.read_text())["shard"] in read_manifest(out_dir)["shards"]:
+            stats = json.loads(stats_path.read_text())
+        else:
+            samples = by_shard.get(position, [])
+            shard_images = []
+            with SA1BShardWriter(out_dir, prefix="annotated-", start_index=index, max_samples_per_shard=2**31) as writer:
+                for key, jpeg, record, file_name in samples:
+                    record = _renumbered(record)
+                    writer.write(key, jpeg, record)
+                    shard_images.append(_imported_stats(key, record, prefilled_per_file.get(file_name, []), gt_per_key.get(key, [])))
+                stats = {"shard": name if samples else None, "images": shard_images}
+                write_json_atomically(stats_path, stats)
+        shards += [str(out_dir / stats["shard"])] if stats["shard"] else []
+        images += stats["images"]
+    return {"shards": shards, "images": images, "skipped": dict(converter.skipped)}
+
+
+def _renumbered(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with annotation ids 0..N-1 within the image, as the simulated annotators write them."""
+    annotations = [{**ann, "id": k} for k, ann in enumerate(record["annotations"])]
+    info = record["image"]
+    return make_record(
+        image_id=info["image_id"], width=info["width"], height=info["height"], file_name=info["file_name"], annotations=annotations
+    )
+
+
+def _prefilled_masks(exported: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+    """file name -> the pre-filled masks exported with it (to tell accepted ones from new ones)."""
+    names = {image["id"]: image["file_name"] for image in exported["images"]}
+    masks: dict[str, list[np.ndarray]] = defaultdict(list)
+    for ann in exported["annotations"]:
+        rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+        masks[names[ann["image_id"]]].append(mask_utils.decode(rle).astype(bool))
+    return masks
+
+
+def _imported_stats(key: str, record: dict[str, Any], prefilled: list[np.ndarray], gt_masks: list[np.ndarray]) -> dict[str, Any]:
+    """ImageStats of one imported image: a returned mask identical to a pre-filled one (IoU > 0.99)
+    counts as accepted; time and clicks are unknown (NaN); IoU to GT only where the pool has GT."""
+    masks = gt_masks_of(record)
+    accepted = sum(best_iou_to_gt(m, prefilled) > 0.99 for m in masks) if prefilled else 0
+    new = [m for m in masks if not prefilled or best_iou_to_gt(m, prefilled) <= 0.99]
+    stats = ImageStats(
+        key=key,
+        masks=len(masks),
+        new_masks=len(new),
+        prefilled=len(prefilled),
+        prefilled_accepted=accepted,
+        prefilled_correct=sum(best_iou_to_gt(m, gt_masks) > 0.75 for m in prefilled),
+        gt_objects=len(gt_masks),
+        seconds=math.nan,
+        clicks=math.nan,
+        brush_masks=0,
+        moved_on=False,
+        mask_seconds=[math.nan] * len(new),
+        mask_clicks=[math.nan] * len(new),
+        mask_ious=[best_iou_to_gt(m, gt_masks) if gt_masks else math.nan for m in new],
+    )
+    return asdict(stats)
