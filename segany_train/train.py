@@ -1,6 +1,5 @@
 """Training entry point: `segany-train [hydra overrides]`, or `train(cfg)` from Python."""
 
-import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -8,7 +7,9 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from segany_train.data.datamodule import SA1BDataModule
@@ -92,7 +93,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
         logger = WandbLogger(
             project=cfg.logger.project, save_dir=str(run_dir), mode=cfg.logger.mode, id=run_id, resume="allow"
         )
-        if run_id is None and int(os.environ.get("RANK", 0)) == 0:
+        # rank_zero_only.rank reads RANK, LOCAL_RANK or SLURM_PROCID: under srun only the last is set
+        if run_id is None and rank_zero_only.rank == 0:
             id_file.write_text(logger.experiment.id)
         return logger
     if kind == "csv":
@@ -106,11 +108,19 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     raise ValueError(f"logger.kind must be wandb, csv or tensorboard, got {kind!r}")
 
 
-def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
-    if cfg.ckpt_path == "last":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.exists() else None
-    return cfg.ckpt_path
+def _resume_path(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path) -> str | None:
+    """ckpt_path=last: the newer of checkpoints/last.ckpt and the highest hpc_ckpt_<n>.ckpt.
+
+    Lightning writes hpc_ckpt_<n>.ckpt into the run directory on SLURM's requeue signal (SIGUSR1), but
+    restores it by itself only when fit gets no ckpt_path, so with ckpt_path=last the choice is here.
+    """
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path
+    candidates = [checkpoint_dir / "last.ckpt"]
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.removeprefix("hpc_ckpt_")))
+    candidates += hpc[-1:]
+    existing = [p for p in candidates if p.exists()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime_ns)) if existing else None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -138,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(MaskOverlayCallback(cfg.logger.log_images_every_n_steps, run_dir / "overlays"))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy may be an object (trainer=fsdp)
     trainer = L.Trainer(
         **trainer_cfg,
         default_root_dir=str(run_dir),
@@ -146,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks=callbacks,
         enable_progress_bar=bool(cfg.callbacks.progress_bar),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=None if fast else _resume_path(cfg, checkpoint_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=None if fast else _resume_path(cfg, run_dir, checkpoint_dir))
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
