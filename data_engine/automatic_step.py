@@ -1,7 +1,8 @@
 """Stage 3: the automatic mask generator over the pool, written as SA-1B shards, and its quality check.
 
-One output shard per input shard, each complete before it enters the manifest (which marks it done),
-so the stage resumes per shard. The quality check compares every automatic mask with the pool's GT
+One output shard per input shard, then its stats file, each renamed into place when complete (the
+stats file, written last, marks the shard done), so the stage resumes per shard and input shards can
+be processed by independent jobs (`data_engine/distributed_stage3.py`). The quality check compares every automatic mask with the pool's GT
 (seen here only to measure, as the paper's professional annotators did on a sample).
 """
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from data_engine.corpus import read_labelled_images
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.data.shard_writer import SA1BShardWriter
 
 
 def iou_matrix(masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> np.ndarray:
@@ -40,6 +41,70 @@ def _image_quality(masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> dict[
     }
 
 
+def shard_name(index: int) -> str:
+    """The output shard of input shard `index` (its position in the full input list)."""
+    return f"automatic-{index:06d}.tar"
+
+
+def stats_path(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / f"automatic-{index:06d}.stats.json"
+
+
+def completed_shard(out_dir: str | Path, index: int) -> dict[str, Any] | None:
+    """The stats of input shard `index` if its output is complete, else None.
+
+    The stats file is written last, after the shard's rename, so its presence marks completion; the
+    shard is still checked for, in case it was deleted by hand since.
+    """
+    path = stats_path(out_dir, index)
+    if not path.exists():
+        return None
+    stats = json.loads(path.read_text())
+    if stats["shard"] is not None and not (Path(out_dir) / stats["shard"]).exists():
+        return None
+    return stats
+
+
+def generate_one_shard(
+    generator: SamAutomaticMaskGenerator,
+    url: str,
+    index: int,
+    out_dir: str | Path,
+    *,
+    record_manifest: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Automatic masks for every image of one input shard, written as `automatic-<index>.tar` and
+    `automatic-<index>.stats.json`, each under a temporary name renamed when complete.
+
+    Returns the stats: {"shard": name or None when no image kept a mask, "images": [quality dicts]}.
+    `record_manifest=False` leaves the directory's manifest alone, for writers running side by side.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_images = []
+    with SA1BShardWriter(
+        out_dir, prefix="automatic-", start_index=index, max_samples_per_shard=2**31, record_manifest=record_manifest
+    ) as writer:
+        for item in tqdm(list(read_labelled_images([url])), desc=f"automatic {Path(url).name}", disable=not progress):
+            records = generator.generate(item.image)
+            masks = [r["segmentation"] for r in records]
+            quality = _image_quality(masks, item.gt_masks)
+            shard_images.append({"key": item.key, **quality})
+            if records:
+                info = item.record["image"]
+                record = sa1b_record_from_masks(
+                    info["image_id"], info["width"], info["height"], info.get("file_name", f"{item.key}.jpg"), records
+                )
+                writer.write(item.key, item.jpeg, record)
+    stats = {"shard": shard_name(index) if any(i["masks"] for i in shard_images) else None, "images": shard_images}
+    path = stats_path(out_dir, index)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, path)
+    return stats
+
+
 def generate_shards(
     generator: SamAutomaticMaskGenerator,
     input_shards: list[str],
@@ -48,42 +113,20 @@ def generate_shards(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Automatic masks for every image of `input_shards`; input shard k becomes `automatic-<k>.tar`.
+    Shards completed by an earlier (killed) run are kept as they are.
 
     Returns {"shards": [paths], "images": [per-image quality dicts]}.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[str] = []
     images: list[dict[str, Any]] = []
     for index, url in enumerate(input_shards):
-        name = f"automatic-{index:06d}.tar"
-        stats_path = out_dir / f"automatic-{index:06d}.stats.json"
-        if stats_path.exists():
-            stats = json.loads(stats_path.read_text())
-            if stats["shard"] is None or stats["shard"] in read_manifest(out_dir)["shards"]:
-                shards += [str(out_dir / stats["shard"])] if stats["shard"] else []
-                images += stats["images"]
-                continue
-        shard_images = []
-        with SA1BShardWriter(out_dir, prefix="automatic-", start_index=index, max_samples_per_shard=2**31) as writer:
-            for item in tqdm(list(read_labelled_images([url])), desc=f"automatic {Path(url).name}", disable=not progress):
-                records = generator.generate(item.image)
-                masks = [r["segmentation"] for r in records]
-                quality = _image_quality(masks, item.gt_masks)
-                shard_images.append({"key": item.key, **quality})
-                if records:
-                    info = item.record["image"]
-                    record = sa1b_record_from_masks(
-                        info["image_id"], info["width"], info["height"], info.get("file_name", f"{item.key}.jpg"), records
-                    )
-                    writer.write(item.key, item.jpeg, record)
-            wrote = any(i["masks"] for i in shard_images)
-            tmp = stats_path.with_name(stats_path.name + ".tmp")
-            tmp.write_text(json.dumps({"shard": name if wrote else None, "images": shard_images}))
-            os.replace(tmp, stats_path)
-        if wrote:
-            shards.append(str(out_dir / name))
-        images += shard_images
+        stats = completed_shard(out_dir, index)
+        if stats is None:
+            stats = generate_one_shard(generator, url, index, out_dir, progress=progress)
+        if stats["shard"]:
+            shards.append(str(out_dir / stats["shard"]))
+        images += stats["images"]
     return {"shards": shards, "images": images}
 
 

@@ -26,28 +26,41 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:
+    """Writes the directory's manifest from {name: {"samples": n, "masks": m}}, atomically."""
+    manifest = {"shards": shards, "total_samples": sum(s["samples"] for s in shards.values())}
+    _write_json_atomically(Path(directory) / MANIFEST_NAME, manifest)
+
+
 def record_shard(directory: str | Path, shard_name: str, samples: int, masks: int) -> None:
     """Adds (or replaces) one shard's entry in the directory's manifest, atomically."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    manifest["shards"][shard_name] = {"samples": samples, "masks": masks}
-    manifest["total_samples"] = sum(s["samples"] for s in manifest["shards"].values())
-    _write_json_atomically(directory / MANIFEST_NAME, manifest)
+    shards = read_manifest(directory)["shards"]
+    shards[shard_name] = {"samples": samples, "masks": masks}
+    write_manifest(directory, shards)
 
 
 class SA1BShardWriter:
     """Writes samples into `prefix000000.tar`, `prefix000001.tar`, ... in `directory`.
 
     Each shard is written as `<name>.tar.tmp` and renamed when complete, so a killed job never leaves a
-    partial shard under a shard name; then its counts go into `manifest.json`. Use as a context manager.
+    partial shard under a shard name; then its counts go into `manifest.json`, unless
+    `record_manifest=False`: writers running side by side in one directory would race on that file, so
+    they leave it to whoever merges their output. Use as a context manager.
     """
 
     def __init__(
-        self, directory: str | Path, *, prefix: str = "sa_", start_index: int = 0, max_samples_per_shard: int = 1000
+        self,
+        directory: str | Path,
+        *,
+        prefix: str = "sa_",
+        start_index: int = 0,
+        max_samples_per_shard: int = 1000,
+        record_manifest: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
+        self.record_manifest = record_manifest
         self.index = start_index
         self.max_samples = max_samples_per_shard
         self.written: list[Path] = []
@@ -70,7 +83,8 @@ class SA1BShardWriter:
         self._stream.close()
         final = self.directory / self._shard_name()
         os.replace(self._tmp, final)
-        record_shard(self.directory, final.name, self._count, self._masks)
+        if self.record_manifest:
+            record_shard(self.directory, final.name, self._count, self._masks)
         self.written.append(final)
         self._tar = None
         self.index += 1
