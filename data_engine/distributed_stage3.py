@@ -8,8 +8,8 @@ missing, and no partial output is ever visible under a final name. Tasks leave `
 (they would race on it); `mode=merge`, run once after every task, checks that each input shard has its
 output, then writes the manifest and the quality summary.
 
-    segany-stage3 mode=task checkpoint=model.ckpt 'corpus.shards=pool/sa_{000000..000999}.tar' run_dir=outputs/s3
-    segany-stage3 mode=merge 'corpus.shards=pool/sa_{000000..000999}.tar' run_dir=outputs/s3
+    segany-stage3 mode=task checkpoint=model.ckpt "corpus.shards='pool/sa_{000000..000999}.tar'" run_dir=outputs/s3
+    segany-stage3 mode=merge "corpus.shards='pool/sa_{000000..000999}.tar'" run_dir=outputs/s3
 
 The task's place comes from SLURM: an array element (SLURM_ARRAY_TASK_ID, relative to
 SLURM_ARRAY_TASK_MIN, of SLURM_ARRAY_TASK_COUNT) times the ranks of its step (SLURM_PROCID of
