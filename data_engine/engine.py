@@ -167,7 +167,7 @@ class Engine:
                 self.rows.append({"stage": stage, "round": r, **ann["stats"], **self._evaluate(f"{step}/eval", checkpoint, split.holdout)})
         quality, overlays = self.automatic_stage(checkpoint, split, _shard_list(annotated))
         notes = [f"run directory: {self.run_dir}", f"pool: {len(split.pool)} shards; held out: {len(split.holdout)}"]
-        return write_report(self.run_dir, self.rows, quality, overlays, notes)
+        return write_report(self.run_dir, self.rows, quality, overlays, notes, self.ledger.state.get("wall_seconds"))
 
     def _detector(self, checkpoint: str, shards: list[str]) -> str:
         step = "stage2/detector"

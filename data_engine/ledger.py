@@ -9,6 +9,7 @@ was in. Steps resume inside themselves too (annotation per shard, training from 
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,10 @@ class RunLedger:
         done = self.result(step)
         if done is not None:
             return done
+        start = time.perf_counter()
         result = work()
+        # wall time of the run that finished the step (a resumed step counts its last attempt only)
+        self.state.setdefault("wall_seconds", {})[step] = round(time.perf_counter() - start, 2)
         self.finish(step, result)
         return result
 

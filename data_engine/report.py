@@ -77,12 +77,26 @@ def save_overlays(examples: list[tuple[str, np.ndarray, list[np.ndarray]]], dire
     return paths
 
 
+def timing_table(wall_seconds: dict[str, float]) -> str:
+    """Wall seconds per stage and kind of step ("stage1/round2/train" counts as stage1, train)."""
+    totals: dict[tuple[str, str], float] = {}
+    for step, seconds in wall_seconds.items():
+        parts = step.split("/")
+        key = (parts[0], parts[-1])
+        totals[key] = totals.get(key, 0.0) + seconds
+    lines = ["| stage | step | wall seconds |", "|---|---|---|"]
+    lines += [f"| {stage} | {kind} | {seconds:.0f} |" for (stage, kind), seconds in totals.items()]
+    lines.append(f"| all | | {sum(totals.values()):.0f} |")
+    return "\n".join(lines)
+
+
 def write_report(
     run_dir: Path,
     rows: list[dict[str, Any]],
     quality: dict[str, float] | None,
     overlays: list[Path],
     notes: list[str],
+    wall_seconds: dict[str, float] | None = None,
 ) -> Path:
     """report.md (+ trends.png) in the run directory."""
     plot = plot_trends(rows, run_dir / "trends.png")
@@ -110,6 +124,8 @@ def write_report(
         ]
     if overlays:
         lines += ["## Automatic masks", ""] + [f"![{p.stem}]({p.relative_to(run_dir)})" for p in overlays] + [""]
+    if wall_seconds:
+        lines += ["## Where the time went", "", "Steps run in this invocation or an earlier one of the same run.", "", timing_table(wall_seconds), ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     path = run_dir / "report.md"
