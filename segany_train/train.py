@@ -148,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(MaskOverlayCallback(cfg.logger.log_images_every_n_steps, run_dir / "overlays"))
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
-    trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy may be an object (trainer=fsdp)
+    trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy or plugin may be a _target_ object
     trainer = L.Trainer(
         **trainer_cfg,
         default_root_dir=str(run_dir),
