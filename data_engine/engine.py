@@ -63,6 +63,8 @@ def _annotator_factory(predictor: SamPredictor, cfg: DictConfig):
             predictor,
             item.gt_masks,
             target_iou=cfg.annotator.target_iou,
+            # a pre-filled mask is kept when it is as good as a mask the annotator would finish with clicks
+            prefilled_iou=cfg.annotator.target_iou,
             max_clicks=cfg.annotator.max_clicks,
             max_seconds_per_mask=cfg.annotator.max_seconds_per_mask,
             min_area=cfg.annotator.min_area,
@@ -84,6 +86,13 @@ class Engine:
         self.run_dir = Path(cfg.run_dir)
         self.ledger = RunLedger(self.run_dir, OmegaConf.to_container(cfg, resolve=True))
         self.train_base = compose_training_config(list(cfg.training.overrides))
+        # one lr schedule over the whole cycle: every retrain continues the training run before it
+        self.total_train_steps = (
+            cfg.training.seed_steps
+            + cfg.stage1.rounds * cfg.stage1.train_steps
+            + cfg.stage2.rounds * cfg.stage2.train_steps
+            + cfg.stage3.train_steps
+        )
         self.rows: list[dict[str, Any]] = []
 
     def _relative(self, path: str) -> str:
@@ -104,9 +113,9 @@ class Engine:
                         train_shards=shards,
                         val_shards=holdout,
                         steps=steps,
-                        init_checkpoint=init,
+                        continue_from=init,
+                        total_steps=self.total_train_steps,
                         seed=self.cfg.seed + len(self.ledger.state["order"]),
-                        lr=None if init is None else self.cfg.training.retrain_lr,
                         progress=self.cfg.progress,
                     )
                 ),

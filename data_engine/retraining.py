@@ -1,11 +1,12 @@
 """Retraining between rounds: segany-train's own `train(cfg)` on the shards annotated so far.
 
-Each retrain is an ordinary training run in its own directory, started from the previous round's
-checkpoint, so a kill mid-training resumes from its last Lightning checkpoint (`ckpt_path=last`).
+Each retrain is an ordinary training run in its own directory that continues the previous round's
+training state, so a kill mid-training resumes from its own last Lightning checkpoint (`ckpt_path=last`).
 """
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -28,34 +29,43 @@ def retrain(
     train_shards: list[str],
     val_shards: list[str],
     steps: int,
-    init_checkpoint: str | None,
     seed: int,
-    lr: float | None = None,
+    continue_from: str | None = None,
+    total_steps: int | None = None,
     progress: bool = True,
 ) -> str:
-    """Trains `steps` optimiser steps on `train_shards` from `init_checkpoint` (None: from scratch);
-    returns the final checkpoint's path; `lr` replaces the recipe's peak learning rate (a fine-tuning
-    round from a trained model wants a smaller one than training from scratch). No validation
-    inside: the engine evaluates each round itself."""
+    """Trains `steps` optimiser steps on `train_shards`; returns the final checkpoint's path.
+
+    continue_from: None trains a new model; a checkpoint of an earlier retrain continues that run's
+    whole training state (weights, AdamW moments, lr schedule, step count) on the new shards. A
+    round that restarted AdamW instead would take its first steps at full size in every direction
+    (the moments start at zero), which on this scale undoes more than a short round teaches.
+    total_steps: the length of the lr schedule; the engine gives every retrain the whole cycle's, so
+    the schedule runs once over the cycle (default: this retrain's own `steps`).
+    No validation inside: the engine evaluates each round itself."""
     if not train_shards:
         raise ValueError("nothing to train on: the round produced no annotated shard")
+    own_last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    start = _global_step(continue_from) if continue_from else 0
+    total = total_steps or start + steps
+    if start + steps > total:
+        raise ValueError(f"the lr schedule has {total} steps, but this retrain ends at step {start + steps}")
     cfg = base.copy()
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
         cfg.seed = seed
-        cfg.ckpt_path = "last"
-        cfg.model.checkpoint = init_checkpoint
+        # a killed retrain resumes from its own last checkpoint; a new one starts from the last round's
+        cfg.ckpt_path = "last" if own_last.exists() or continue_from is None else str(continue_from)
+        cfg.model.checkpoint = None
         cfg.data.synthetic = None
         cfg.data.train_shards = list(train_shards)
         cfg.data.val_shards = list(val_shards)
-        cfg.trainer.max_steps = steps
+        cfg.trainer.max_steps = start + steps
         cfg.trainer.limit_val_batches = 0
-        cfg.optim.total_steps = steps
-        if lr is not None:
-            cfg.optim.lr = lr
-        cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps // 10, 1))
+        cfg.optim.total_steps = total
+        cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(total // 10, 1))
         if cfg.optim.schedule == "step":
-            cfg.optim.milestones = [int(steps * 2 / 3), int(steps * 26 / 27)]
+            cfg.optim.milestones = [int(total * 2 / 3), int(total * 26 / 27)]
         cfg.logger = OmegaConf.merge(cfg.logger, {"kind": "csv", "log_images_every_n_steps": 0})
         cfg.callbacks.progress_bar = progress
     train(cfg)
@@ -63,3 +73,8 @@ def retrain(
     if not last.exists():
         raise RuntimeError(f"training in {run_dir} finished without writing {last}")
     return str(last)
+
+
+def _global_step(checkpoint: str) -> int:
+    """The optimiser steps a Lightning checkpoint has taken."""
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])

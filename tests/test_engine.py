@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from data_engine.annotation_step import annotate_shards, summarize_images
@@ -227,8 +228,14 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     assert stage3["images"] == len(pool_keys)
     assert engine.run_engine(cfg) == report  # a finished run only rewrites the report
 
-    # stage 3 alone: a team's own shards and model, no cycle around it
+    # one training run across the cycle: each retrain continued the last (seed 3 + 4 rounds x 2 + final 2),
+    # the one killed partway included
     final = tmp_path / "run" / ledger["steps"]["stage3/train"]["checkpoint"]
+    state = torch.load(final, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3 + 4 * 2 + 2
+    assert state["lr_schedulers"][0]["last_epoch"] == 3 + 4 * 2 + 2  # the schedule went on, not restarted
+
+    # stage 3 alone: a team's own shards and model, no cycle around it
     extra = ["only=stage3", f"checkpoint={final}", "corpus.synthetic=null", f"corpus.shards='{corpus}/sa_000006.tar'"]
     alone = engine.run_engine(_engine_config(tmp_path / "alone", corpus, extra))
     automatic = sorted((tmp_path / "alone" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
