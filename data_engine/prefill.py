@@ -52,7 +52,7 @@ class BoxPrefill:
             return []
         logits, iou, _ = self.predictor.predict_torch(None, None, boxes=boxes, multimask_output=False, return_logits=True)
         logits, iou = logits[:, 0], iou[:, 0]  # K x H x W, K
-        keep = (iou >= s.pred_iou_thresh) & (stability_score(logits, sam.mask_threshold, 1.0) >= s.stability_score_thresh)
+        keep = (iou >= s.pred_iou_thresh) & (stability_score(logits, sam.mask_threshold, s.stability_score_offset) >= s.stability_score_thresh)
         masks = logits[keep] > sam.mask_threshold
         masks = masks[masks.flatten(1).any(1)]
         if masks.shape[0] == 0:
