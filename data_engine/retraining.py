@@ -56,7 +56,8 @@ def retrain(
         cfg.seed = seed
         # a killed retrain resumes from its own last checkpoint; a new one starts from the last round's
         cfg.ckpt_path = "last" if own_last.exists() or continue_from is None else str(continue_from)
-        cfg.model.checkpoint = None
+        if continue_from is not None:  # the weights come with the training state
+            cfg.model.checkpoint = None
         cfg.data.synthetic = None
         cfg.data.train_shards = list(train_shards)
         cfg.data.val_shards = list(val_shards)

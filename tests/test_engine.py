@@ -283,3 +283,20 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
         assert stats["masks_per_image"] == stats["gt_objects_per_image"] > 0  # every GT object came back
     assert "stage2/detector" in steps  # stage 2's tasks went out with the detector's pre-fill (none, this untrained)
     assert "| stage2 | 1 |" in report
+
+
+def test_the_seed_can_start_from_a_trained_model_and_retrains_continue_it(pool, tmp_path):
+    from data_engine.retraining import compose_training_config, retrain
+    from segany_train.model import build_sam_by_name, build_sam_from_checkpoint
+
+    torch.manual_seed(3)
+    start = build_sam_by_name("vit_t_256_small_decoder")
+    torch.save(start.state_dict(), tmp_path / "start.pth")
+    # lr 0: the weights stay what was loaded, so the check is exact
+    base = compose_training_config([*TRAINING, f"model.checkpoint={tmp_path / 'start.pth'}", "optim.lr=0.0"])
+    seed = retrain(base, run_dir=tmp_path / "seed", train_shards=pool[:1], val_shards=pool[1:2], steps=2, seed=0, total_steps=5, progress=False)
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in build_sam_from_checkpoint(seed).state_dict().items())
+    again = retrain(base, run_dir=tmp_path / "round", train_shards=pool[1:2], val_shards=pool[1:2], steps=3, seed=0, continue_from=seed, total_steps=5, progress=False)
+    assert torch.load(again, map_location="cpu", weights_only=False)["global_step"] == 5
+    with pytest.raises(ValueError, match="the lr schedule has 5 steps"):
+        retrain(base, run_dir=tmp_path / "over", train_shards=pool[:1], val_shards=pool[1:2], steps=1, seed=0, continue_from=again, total_steps=5, progress=False)
