@@ -66,3 +66,21 @@ def randomized(sam: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tiny_sam():
     torch.manual_seed(0)
     return randomized(build_sam(TINY)).eval()
+
+
+def tiny_training_overrides(corpus: Path) -> list[str]:
+    """segany-train overrides: tiny_synthetic_cpu on a 16-image, 128-px corpus in `corpus` (written on
+    first use, as the training entry does), shrunk to seconds per run."""
+    return [
+        "experiment=tiny_synthetic_cpu",
+        f"data.synthetic.directory={corpus}",
+        "data.synthetic.num_images=16",
+        "data.synthetic.size=128",
+        "data.synthetic.images_per_shard=2",
+        "data.synthetic.min_objects=3",
+        "data.synthetic.max_objects=8",
+        "data.num_workers=0",
+        "data.max_masks=4",
+        "prompting.num_correction_clicks=1",
+        "callbacks.progress_bar=false",
+    ]

@@ -38,7 +38,7 @@ from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.model import build_sam
 from segany_train.model.checkpoint import save_official_checkpoint
 from segany_train.train import CONFIG_DIR
-from tests.conftest import TINY, randomized
+from tests.conftest import TINY, randomized, tiny_training_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "slurm"
@@ -132,24 +132,14 @@ def corpus(tmp_path_factory) -> Path:
 def _training(corpus: Path) -> list[str]:
     """segany-train overrides: tiny_synthetic_cpu shrunk to seconds, on the CPU (gloo)."""
     return [
-        "experiment=tiny_synthetic_cpu",
-        f"data.synthetic.directory={corpus}",
-        "data.synthetic.num_images=16",
-        "data.synthetic.size=128",
-        "data.synthetic.images_per_shard=2",
-        "data.synthetic.min_objects=3",
-        "data.synthetic.max_objects=8",
-        "data.num_workers=0",
+        *tiny_training_overrides(corpus),
         "data.batch_size=1",
-        "data.max_masks=4",
         "prompting.num_iterations=2",
-        "prompting.num_correction_clicks=1",
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
         "trainer.limit_val_batches=0",
         "trainer.log_every_n_steps=1",
         "logger.log_images_every_n_steps=0",
-        "callbacks.progress_bar=false",
     ]
 
 

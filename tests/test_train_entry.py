@@ -15,6 +15,7 @@ from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.train import CONFIG_DIR, _dataclass_from, build_logger, build_model, train
 from segany_train.training.optim import OptimConfig
 from segany_train.training.rollout import RolloutConfig
+from tests.conftest import tiny_training_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -30,21 +31,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def _shrunk(corpus: Path, run_dir: Path) -> list[str]:
     """Overrides that shrink tiny_synthetic_cpu to seconds."""
-    return [
-        "experiment=tiny_synthetic_cpu",
-        f"data.synthetic.directory={corpus}",
-        "data.synthetic.num_images=16",
-        "data.synthetic.size=128",
-        "data.synthetic.images_per_shard=2",
-        "data.synthetic.min_objects=3",
-        "data.synthetic.max_objects=8",
-        "data.num_workers=0",
-        "data.max_masks=4",
-        "prompting.num_iterations=3",
-        "prompting.num_correction_clicks=1",
-        "trainer.limit_val_batches=1",
-        "callbacks.progress_bar=false",
-    ]
+    return [*tiny_training_overrides(corpus), "prompting.num_iterations=3", "trainer.limit_val_batches=1"]
 
 
 def _compose(overrides: list[str]):
