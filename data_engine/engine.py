@@ -36,6 +36,7 @@ from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
 from segany_train.train import CONFIG_DIR
 
+ANNOTATOR_KINDS = ("simulated", "coco_tasks")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
 
 
@@ -83,6 +84,8 @@ class Engine:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+        if cfg.annotator.kind not in ANNOTATOR_KINDS:  # checked before minutes of seed training
+            raise ValueError(f"annotator.kind must be one of {ANNOTATOR_KINDS}, got {cfg.annotator.kind!r}")
         self.run_dir = Path(cfg.run_dir)
         self.ledger = RunLedger(self.run_dir, OmegaConf.to_container(cfg, resolve=True))
         self.train_base = compose_training_config(list(cfg.training.overrides))
@@ -130,13 +133,12 @@ class Engine:
     def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
             step_dir = self.ledger.step_dir(step)
-            kind = self.cfg.annotator.kind
-            if kind == "coco_tasks":  # a real tool: export, wait for its result, import
+            if self.cfg.annotator.kind == "coco_tasks":  # a real tool: export, wait for its result, import
                 if not (step_dir / "tasks" / TASKS_FILE).exists():
                     shown = prefill(SamPredictor(load_model(checkpoint))) if prefill else None
                     export_tasks(chunk, step_dir / "tasks", prefill=shown, progress=self.cfg.progress)
                 out = import_annotations(step_dir / "tasks", step_dir, first_index=first_index)
-            elif kind == "simulated":
+            else:
                 predictor = SamPredictor(load_model(checkpoint))
                 out = annotate_shards(
                     chunk,
@@ -147,8 +149,6 @@ class Engine:
                     progress=self.cfg.progress,
                     description=step,
                 )
-            else:
-                raise ValueError(f"annotator.kind must be simulated or coco_tasks, got {kind!r}")
             return {"shards": [self._relative(s) for s in out["shards"]], "stats": summarize_images(out["images"])}
 
         result = self.ledger.run(step, work)

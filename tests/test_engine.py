@@ -278,6 +278,8 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
         _answer_tasks_with_ground_truth(run / step / "tasks")
     report = engine.run_engine(cfg).read_text()
     steps = json.loads((run / "engine.json").read_text())["steps"]
+    with pytest.raises(ValueError, match="annotator.kind must be one of"):
+        engine.run_engine(_engine_config(tmp_path / "typo", corpus, ["annotator.kind=cocotasks"]))
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
         stats = steps[step]["stats"]
         assert stats["masks_per_image"] == stats["gt_objects_per_image"] > 0  # every GT object came back
