@@ -108,7 +108,8 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
     gt_per_key = {item.key: item.gt_masks for item in read_labelled_images(task_index["shards"])}
 
     converter = CocoImageConverter(task_dir / IMAGES_DIR, skip_crowd=True)
-    by_shard: dict[int, list[tuple[str, bytes, dict[str, Any], str]]] = defaultdict(list)
+    # input shard position -> (key, file name, (JPEG, record) or None when the image came back empty)
+    by_shard: dict[int, list[tuple[str, str, tuple[bytes, dict[str, Any]] | None]]] = defaultdict(list)
     returned = set()
     for image, anns in images_with_annotations(result, converter):
         entry = task_index["images"].get(image.get("file_name"))
@@ -118,8 +119,7 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
         returned.add(image["file_name"])
         # the tool's ids mean nothing to the corpus: the SA-1B image id and key come from the task
         sample = converter.convert({**image, "id": entry["image_id"]}, anns)
-        if sample is not None:
-            by_shard[entry["shard"]].append((entry["key"], sample[1], sample[2], image["file_name"]))
+        by_shard[entry["shard"]].append((entry["key"], image["file_name"], sample[1:] if sample else None))
     missing = sorted(set(task_index["images"]) - returned)
     if missing:
         converter.skipped["images_missing_from_result"] += len(missing)
@@ -131,17 +131,19 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
         index = first_index + position
         name = f"annotated-{index:06d}.tar"
         stats_path = out_dir / f"annotated-{index:06d}.stats.json"
-        if stats_path.exists() and json.loads(stats_path.read_text())["shard"] in read_manifest(out_dir)["shards"]:
-            stats = json.loads(stats_path.read_text())
-        else:
-            samples = by_shard.get(position, [])
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+        if stats is None or (stats["shard"] is not None and stats["shard"] not in read_manifest(out_dir)["shards"]):
             shard_images = []
             with SA1BShardWriter(out_dir, prefix="annotated-", start_index=index, max_samples_per_shard=2**31) as writer:
-                for key, jpeg, record, file_name in samples:
-                    record = _renumbered(record)
-                    writer.write(key, jpeg, record)
-                    shard_images.append(_imported_stats(key, record, prefilled_per_file.get(file_name, []), gt_per_key.get(key, [])))
-                stats = {"shard": name if samples else None, "images": shard_images}
+                for key, file_name, sample in by_shard.get(position, []):
+                    masks = []
+                    if sample is not None:
+                        record = _renumbered(sample[1])
+                        writer.write(key, sample[0], record)
+                        masks = gt_masks_of(record)
+                    shard_images.append(_imported_stats(key, masks, prefilled_per_file.get(file_name, []), gt_per_key.get(key, [])))
+                # the statistics first, then the shard's rename and manifest entry: the latter marks it done
+                stats = {"shard": name if any(i["masks"] for i in shard_images) else None, "images": shard_images}
                 write_json_atomically(stats_path, stats)
         shards += [str(out_dir / stats["shard"])] if stats["shard"] else []
         images += stats["images"]
@@ -167,10 +169,10 @@ def _prefilled_masks(exported: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     return masks
 
 
-def _imported_stats(key: str, record: dict[str, Any], prefilled: list[np.ndarray], gt_masks: list[np.ndarray]) -> dict[str, Any]:
-    """ImageStats of one imported image: a returned mask identical to a pre-filled one (IoU > 0.99)
-    counts as accepted; time and clicks are unknown (NaN); IoU to GT only where the pool has GT."""
-    masks = gt_masks_of(record)
+def _imported_stats(key: str, masks: list[np.ndarray], prefilled: list[np.ndarray], gt_masks: list[np.ndarray]) -> dict[str, Any]:
+    """ImageStats of one imported image with its returned `masks`: a mask identical to a pre-filled
+    one (IoU > 0.99) counts as accepted; time and clicks are unknown (NaN); IoU to GT only where the
+    pool has GT."""
     accepted = sum(best_iou_to_gt(m, prefilled) > 0.99 for m in masks) if prefilled else 0
     new = [m for m in masks if not prefilled or best_iou_to_gt(m, prefilled) <= 0.99]
     stats = ImageStats(

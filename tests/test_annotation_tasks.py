@@ -87,9 +87,12 @@ def test_a_tools_result_comes_back_as_annotated_shards(shards, tmp_path):
         if n == 0:  # a rectangle drawn as a polygon, and an unreadable annotation
             anns.append({"segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]]})
             anns.append({"segmentation": [[1, 2]]})
+        if n == 2:  # the annotator deleted everything on this one
+            anns = []
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": tool_id, "category_id": 1, "iscrowd": 0, **ann})
-        expected[key] = len(anns) - (n == 0)
+        if anns:
+            expected[key] = len(anns) - (n == 0)
     images.append({"id": 5000, "file_name": "stranger.jpg", "width": 64, "height": 64})
     (task_dir / RESULT_FILE).write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1}]}))
 
@@ -97,7 +100,12 @@ def test_a_tools_result_comes_back_as_annotated_shards(shards, tmp_path):
         warnings.simplefilter("always")
         out = import_annotations(task_dir, tmp_path / "out", first_index=7)
     assert any(issubclass(w.category, CocoConversionWarning) for w in caught)
-    assert out["skipped"] == {"malformed_segmentation": 1, "images_not_in_task": 1, "images_missing_from_result": 1}
+    assert out["skipped"] == {
+        "malformed_segmentation": 1,
+        "images_not_in_task": 1,
+        "images_missing_from_result": 1,
+        "images_without_masks": 1,
+    }
     assert [Path(s).name for s in out["shards"]] == ["annotated-000007.tar", "annotated-000008.tar"]
     assert sorted(read_manifest(tmp_path / "out")["shards"]) == ["annotated-000007.tar", "annotated-000008.tar"]
     written = {key: record for url in out["shards"] for key, _, record in read_records([url])}
@@ -112,6 +120,9 @@ def test_a_tools_result_comes_back_as_annotated_shards(shards, tmp_path):
     assert stats[first]["prefilled_accepted"] == 1 and stats[first]["new_masks"] == 2
     assert stats[second]["prefilled_accepted"] == 0 and stats[second]["new_masks"] == 1
     assert all(s["prefilled_correct"] == 1 for s in stats.values())  # the pre-fill was a GT mask
+    emptied = Path(exported["images"][2]["file_name"]).stem
+    assert stats[emptied]["masks"] == 0 and emptied not in written  # counted as an image, not written
+    assert len(stats) == 5  # every returned image of the task, the emptied one included
     assert np.isnan(stats[first]["seconds"])  # COCO carries no clock
 
     again = import_annotations(task_dir, tmp_path / "out", first_index=7)  # finished shards are not rewritten
