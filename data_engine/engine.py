@@ -7,6 +7,8 @@ and a final retrain on the automatic masks mixed with the oversampled manual one
 
 Every step's outputs live in the run directory and are recorded in engine.json (`ledger.py`); the
 same command continues a killed run. `only=stage3` runs stage 3 alone on given shards and checkpoint.
+Annotators are simulated, or people in a real tool (`annotator.kind=coco_tasks`, `annotation_tasks.py`):
+then each round waits, exiting with status 3, until the tool's COCO result is in place.
 """
 
 import sys
