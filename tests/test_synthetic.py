@@ -141,31 +141,3 @@ def test_command_line(tmp_path, capsys):
     assert "3 images in 2 shards" in capsys.readouterr().out
     assert read_manifest(tmp_path)["total_samples"] == 3
     assert json.loads((tmp_path / "synthetic.json").read_text())["size"] == 64
-
-
-def _share_near_median_colour(pixels: np.ndarray) -> float:
-    """Share of Nx3 pixels within grain (4 levels per channel) of their median colour."""
-    return float((np.abs(pixels.astype(int) - np.median(pixels, axis=0)).max(axis=1) <= 4).mean())
-
-
-def test_flat_style_paints_every_visible_region_one_colour_and_keeps_the_textured_stream():
-    for index in range(3):
-        image, masks = generate_image(index, style="flat", **SMALL)
-        for k, mask in enumerate(masks):
-            # a part (a mask inside another) is painted last and has no parts of its own: one colour
-            if any(j != k and not (mask & ~m).any() for j, m in enumerate(masks)):
-                assert _share_near_median_colour(image[mask]) > 0.97
-        background = ~np.logical_or.reduce(masks) if masks else np.ones(image.shape[:2], bool)
-        assert _share_near_median_colour(image[background]) > 0.97
-    textured = generate_image(0, **SMALL)
-    assert image.shape == textured[0].shape and not np.array_equal(generate_image(2, style="flat", **SMALL)[0], generate_image(2, **SMALL)[0])
-    with pytest.raises(ValueError, match="style must be one of"):
-        generate_image(0, style="glossy", **SMALL)
-
-
-def test_the_style_is_part_of_a_directorys_settings(tmp_path):
-    write_synthetic_corpus(tmp_path / "t", num_images=1, progress=False, **SMALL)
-    assert "style" not in json.loads((tmp_path / "t" / "synthetic.json").read_text())  # as before styles existed
-    write_synthetic_corpus(tmp_path / "f", num_images=1, style="flat", progress=False, **SMALL)
-    with pytest.raises(ValueError, match="synthetic corpus made with"):
-        write_synthetic_corpus(tmp_path / "f", num_images=1, progress=False, **SMALL)

@@ -45,9 +45,6 @@ JPEG_QUALITY = 90
 ANNOTATIONS_PER_IMAGE = 1000  # annotation id = image id * ANNOTATIONS_PER_IMAGE + k
 MAX_PARTS = 3
 SHAPES = ("ellipse", "rectangle", "polygon", "star", "blob")
-# textured: the default, made so that colour thresholds do not segment it; flat: every object and the
-# background one uniform colour (plus grain), a world a small model learns to segment in minutes
-STYLES = ("textured", "flat")
 SHARD_PREFIX = "sa_"
 SETTINGS_NAME = "synthetic.json"  # the generation settings of a corpus directory, checked on resume
 
@@ -153,11 +150,6 @@ def _fill(rng: np.random.Generator, shape: _Shape, palette: np.ndarray, texture:
     return (c0 + t * (c1 - c0)) * shade
 
 
-def _flat_colour(rng: np.random.Generator, count: int) -> np.ndarray:
-    """3 x 1 float32 uniform random colour to broadcast over `count` pixels (flat style)."""
-    return np.broadcast_to(rng.uniform(0, 255, (3, 1)).astype(np.float32), (3, count))
-
-
 def _paint(canvas: np.ndarray, labels: np.ndarray, shape: _Shape, paint: np.ndarray, label: int) -> None:
     """Draws a shape over everything painted before it (this is what makes occlusion)."""
     canvas[:, shape.box[0], shape.box[1]][:, shape.mask] = paint
@@ -165,17 +157,12 @@ def _paint(canvas: np.ndarray, labels: np.ndarray, shape: _Shape, paint: np.ndar
 
 
 def _render_scene(
-    rng: np.random.Generator, size: int, min_objects: int, max_objects: int, style: str
+    rng: np.random.Generator, size: int, min_objects: int, max_objects: int
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """(size x size x 3 uint8 image, size x size uint16 label map, the (body id, last part id) of each object)."""
-    flat = style == "flat"
     palette = rng.uniform(0, 255, (6, 3)).astype(np.float32)
-    if flat:
-        canvas = _flat_colour(rng, size * size).reshape(3, size, size).copy()
-        texture = None
-    else:
-        canvas = _background(rng, size, palette)
-        texture = _smooth_noise(rng, size, int(rng.integers(12, 40)))
+    canvas = _background(rng, size, palette)
+    texture = _smooth_noise(rng, size, int(rng.integers(12, 40)))
     labels = np.zeros((size, size), np.uint16)
     objects: list[tuple[int, int]] = []
     next_id = 1
@@ -185,7 +172,7 @@ def _render_scene(
         if body is None or not body.mask.any():
             continue
         first = last = next_id
-        _paint(canvas, labels, body, _flat_colour(rng, body.u.size) if flat else _fill(rng, body, palette, texture), first)
+        _paint(canvas, labels, body, _fill(rng, body, palette, texture), first)
         inside = np.flatnonzero(body.mask)
         for _ in range(int(rng.integers(1, MAX_PARTS + 1)) if rng.random() < 0.4 else 0):
             # a part is centred on a pixel of its body, so it overlaps it and reads as a sub-part
@@ -194,11 +181,10 @@ def _render_scene(
             part = _shape(rng, rng.choice(SHAPES), cy, cx, radius * rng.uniform(0.2, 0.45), size)
             if part is not None and part.mask.any():
                 last += 1
-                _paint(canvas, labels, part, _flat_colour(rng, part.u.size) if flat else _fill(rng, part, palette, texture), last)
+                _paint(canvas, labels, part, _fill(rng, part, palette, texture), last)
         objects.append((first, last))
         next_id = last + 1
-    grain = rng.random((size, size), dtype=np.float32) - np.float32(0.5)
-    canvas += grain * np.float32(rng.uniform(2, 6) if flat else rng.uniform(6, 16))
+    canvas += (rng.random((size, size), dtype=np.float32) - np.float32(0.5)) * np.float32(rng.uniform(6, 16))  # grain
     np.clip(canvas, 0, 255, out=canvas)
     return canvas.astype(np.uint8).transpose(1, 2, 0), labels, objects
 
@@ -226,41 +212,35 @@ def _mask_stack(labels: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray
     return stack
 
 
-def _check_arguments(size: int, min_objects: int, max_objects: int, style: str = "textured") -> None:
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+def _check_arguments(size: int, min_objects: int, max_objects: int) -> None:
     if size < 16:
         raise ValueError(f"size must be at least 16, got {size}")
     if not 0 <= min_objects <= max_objects or (MAX_PARTS + 1) * max_objects >= ANNOTATIONS_PER_IMAGE:
         raise ValueError(f"need 0 <= min_objects <= max_objects < 250, got {min_objects}, {max_objects}")
 
 
-def _render(
-    index: int, seed: int, size: int, min_objects: int, max_objects: int, style: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _render(index: int, seed: int, size: int, min_objects: int, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
     """(size x size x 3 uint8 image, size x size x N uint8 Fortran-order visible masks) of image `index`."""
-    _check_arguments(size, min_objects, max_objects, style)
+    _check_arguments(size, min_objects, max_objects)
     rng = np.random.default_rng([seed, index])  # one stream per image: independent of every other image
-    image, labels, objects = _render_scene(rng, size, min_objects, max_objects, style)
+    image, labels, objects = _render_scene(rng, size, min_objects, max_objects)
     return image, _mask_stack(labels, _mask_ranges(labels, objects))
 
 
 def generate_image(
-    index: int, *, seed: int = 0, size: int = 512, min_objects: int = 8, max_objects: int = 20, style: str = "textured"
+    index: int, *, seed: int = 0, size: int = 512, min_objects: int = 8, max_objects: int = 20
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Image `index` of the corpus for `seed`: (size x size x 3 uint8, list of size x size bool visible masks).
 
     Masks come per object in depth order: the whole (body and parts), then each of its parts.
     """
-    image, stack = _render(index, seed, size, min_objects, max_objects, style)
+    image, stack = _render(index, seed, size, min_objects, max_objects)
     return image, [np.ascontiguousarray(stack[:, :, k], dtype=bool) for k in range(stack.shape[2])]
 
 
-def _sample(
-    index: int, seed: int, size: int, min_objects: int, max_objects: int, style: str
-) -> tuple[str, bytes, dict[str, Any]]:
+def _sample(index: int, seed: int, size: int, min_objects: int, max_objects: int) -> tuple[str, bytes, dict[str, Any]]:
     """(key, JPEG bytes, SA-1B record) of image `index`; the image id is the corpus-wide index."""
-    image, stack = _render(index, seed, size, min_objects, max_objects, style)
+    image, stack = _render(index, seed, size, min_objects, max_objects)
     buffer = BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     rles = mask_utils.encode(stack) if stack.shape[2] else []
@@ -269,7 +249,7 @@ def _sample(
     return sample_key(index), buffer.getvalue(), record
 
 
-def _claim_directory(directory: Path, settings: dict[str, Any]) -> None:
+def _claim_directory(directory: Path, settings: dict[str, int]) -> None:
     """Records the generation settings, refusing a directory that holds shards made any other way."""
     path = directory / SETTINGS_NAME
     if path.exists():
@@ -292,7 +272,6 @@ def write_synthetic_corpus(
     images_per_shard: int = 100,
     min_objects: int = 8,
     max_objects: int = 20,
-    style: str = "textured",
     progress: bool = True,
 ) -> list[Path]:
     """Writes images 0..num_images-1 as shards sa_000000.tar, ... in `directory`; returns every shard's path.
@@ -300,16 +279,14 @@ def write_synthetic_corpus(
     A shard already in the directory's manifest with its full sample count is kept as it is, so an
     interrupted run resumes where it stopped, and a larger `num_images` extends a smaller corpus.
     """
-    _check_arguments(size, min_objects, max_objects, style)
+    _check_arguments(size, min_objects, max_objects)
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be positive, got {images_per_shard}")
     directory = Path(directory)
     # shard boundaries depend on images_per_shard, so it is part of what a resumed run must match
-    settings: dict[str, Any] = dict(
+    settings = dict(
         seed=seed, size=size, images_per_shard=images_per_shard, min_objects=min_objects, max_objects=max_objects
     )
-    if style != "textured":  # absent for the default, so corpora written before styles existed still match
-        settings["style"] = style
     _claim_directory(directory, settings)
     done = read_manifest(directory)["shards"]
     paths = []
@@ -326,7 +303,7 @@ def write_synthetic_corpus(
             )
             with writer:
                 for index in range(first, stop):
-                    writer.write(*_sample(index, seed, size, min_objects, max_objects, style))
+                    writer.write(*_sample(index, seed, size, min_objects, max_objects))
                     bar.update(1)
             paths.extend(writer.written)
     return paths
@@ -335,7 +312,7 @@ def write_synthetic_corpus(
 
 def write_configured_corpus(settings: Mapping[str, Any], *, progress: bool = True) -> list[Path]:
     """`write_synthetic_corpus` from a config's `synthetic` section (directory, num_images, seed, size,
-    images_per_shard, min_objects, max_objects and optionally style), as segany-train and segany-engine give it."""
+    images_per_shard, min_objects, max_objects), as segany-train and segany-engine give it."""
     return write_synthetic_corpus(
         settings["directory"],
         num_images=settings["num_images"],
@@ -344,7 +321,6 @@ def write_configured_corpus(settings: Mapping[str, Any], *, progress: bool = Tru
         images_per_shard=settings["images_per_shard"],
         min_objects=settings["min_objects"],
         max_objects=settings["max_objects"],
-        style=settings.get("style", "textured"),
         progress=progress,
     )
 
@@ -358,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-shard", type=int, default=100)
     parser.add_argument("--min-objects", type=int, default=8)
     parser.add_argument("--max-objects", type=int, default=20)
-    parser.add_argument("--style", choices=STYLES, default="textured", help="textured (default) or flat colours")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -370,7 +345,6 @@ def main(argv: list[str] | None = None) -> None:
         images_per_shard=args.images_per_shard,
         min_objects=args.min_objects,
         max_objects=args.max_objects,
-        style=args.style,
         progress=not args.no_progress,
     )
     print(f"{args.num_images} images in {len(paths)} shards in {args.out} ({time.perf_counter() - start:.1f} s)")
