@@ -6,7 +6,6 @@ done: a run killed midway redoes only the shard it was in, never duplicating or 
 """
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from data_engine.annotator import Annotator, ImageAnnotation
 from data_engine.corpus import LabelledImage, read_labelled_images
 from segany_train.data.sa1b import annotation_from_mask, make_record
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
 # (image, GT masks) -> the annotator for that image; the GT is seen by the simulated annotator only
 AnnotatorFactory = Callable[[LabelledImage], Annotator]
@@ -84,12 +83,6 @@ def _annotated_record(item: LabelledImage, masks: list[np.ndarray]) -> dict[str,
         file_name=info.get("file_name", f"{item.key}.jpg"),
         annotations=[annotation_from_mask(m, annotation_id=k) for k, m in enumerate(masks)],
     )
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 def annotate_shards(

@@ -28,11 +28,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from data_engine.annotation_step import ImageStats, Prefill, best_iou_to_gt, write_json_atomically
+from data_engine.annotation_step import ImageStats, Prefill, best_iou_to_gt
 from data_engine.corpus import gt_masks_of, read_labelled_images
 from segany_train.data.coco import CocoConversionWarning, CocoImageConverter, images_with_annotations
 from segany_train.data.sa1b import annotation_from_mask, make_record
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
 TASKS_FILE = "tasks.json"
 INDEX_FILE = "task_index.json"

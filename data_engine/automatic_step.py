@@ -2,12 +2,12 @@
 
 One output shard per input shard, then its stats file, each renamed into place when complete (the
 stats file, written last, marks the shard done), so the stage resumes per shard and input shards can
-be processed by independent jobs (`data_engine/distributed_stage3.py`). The quality check compares every automatic mask with the pool's GT
-(seen here only to measure, as the paper's professional annotators did on a sample).
+be processed by independent jobs (`data_engine/distributed_stage3.py`). The quality check compares
+every automatic mask with the pool's GT (seen here only to measure, as the paper's professional
+annotators did on a sample).
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data_engine.corpus import read_labelled_images
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
-from segany_train.data.shard_writer import SA1BShardWriter
+from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
 
 
 def iou_matrix(masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> np.ndarray:
@@ -98,10 +98,7 @@ def generate_one_shard(
                 )
                 writer.write(item.key, item.jpeg, record)
     stats = {"shard": shard_name(index) if any(i["masks"] for i in shard_images) else None, "images": shard_images}
-    path = stats_path(out_dir, index)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats))
-    os.replace(tmp, path)
+    write_json_atomically(stats_path(out_dir, index), stats)
     return stats
 
 

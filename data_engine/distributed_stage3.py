@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_engine.automatic_step import completed_shard, generate_one_shard, summarize_quality
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.shard_writer import write_manifest
+from segany_train.data.shard_writer import write_json_atomically, write_manifest
 from segany_train.model import build_sam_from_checkpoint
 from segany_train.train import CONFIG_DIR
 
@@ -155,9 +155,7 @@ def merge_outputs(input_shards: list[str], out_dir: str | Path) -> dict[str, Any
     }
     write_manifest(out_dir, entries)
     quality = summarize_quality([image for s in stats for image in s["images"]])
-    tmp = out_dir / (QUALITY_NAME + ".tmp")
-    tmp.write_text(json.dumps(quality, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / QUALITY_NAME)
+    write_json_atomically(out_dir / QUALITY_NAME, quality)
     return {"shards": [str(out_dir / name) for name in entries], "quality": quality}
 
 

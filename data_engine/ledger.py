@@ -8,11 +8,12 @@ was in. Steps resume inside themselves too (annotation per shard, training from 
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from segany_train.data.shard_writer import write_json_atomically
 
 MANIFEST = "engine.json"
 
@@ -42,9 +43,7 @@ class RunLedger:
             self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json_atomically(self.path, self.state)
 
     def result(self, step: str) -> dict[str, Any] | None:
         """The recorded result of a finished step, or None."""

@@ -14,7 +14,6 @@ from data_engine.annotation_tasks import (
     IMAGES_DIR,
     INDEX_FILE,
     RESULT_FILE,
-    TASKS_FILE,
     AwaitingAnnotation,
     export_tasks,
     import_annotations,

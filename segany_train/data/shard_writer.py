@@ -20,7 +20,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _write_json_atomically(path: Path, value: Any) -> None:
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Writes `value` as JSON to `path` through a temporary file and a rename: never half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -29,7 +30,7 @@ def _write_json_atomically(path: Path, value: Any) -> None:
 def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:
     """Writes the directory's manifest from {name: {"samples": n, "masks": m}}, atomically."""
     manifest = {"shards": shards, "total_samples": sum(s["samples"] for s in shards.values())}
-    _write_json_atomically(Path(directory) / MANIFEST_NAME, manifest)
+    write_json_atomically(Path(directory) / MANIFEST_NAME, manifest)
 
 
 def record_shard(directory: str | Path, shard_name: str, samples: int, masks: int) -> None:
