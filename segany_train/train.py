@@ -61,7 +61,8 @@ def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     image_size = data_cfg.image_size or sam.image_encoder.img_size
     sample = SampleConfig(
         image_size=image_size,
-        mask_size=data_cfg.mask_size or image_size // 4,
+        # the decoder's low-res logits: 4x the embedding's side (SAM: 256 for 1024 px with patch 16)
+        mask_size=data_cfg.mask_size or 4 * image_size // sam.image_encoder.patch_size,
         max_masks=data_cfg.max_masks,
         max_area_fraction=data_cfg.max_area_fraction,
         min_mask_pixels=data_cfg.min_mask_pixels,

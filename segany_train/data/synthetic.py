@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -156,18 +157,33 @@ def _paint(canvas: np.ndarray, labels: np.ndarray, shape: _Shape, paint: np.ndar
     labels[shape.box][shape.mask] = label
 
 
+def _palette(rng: np.random.Generator, style: str) -> np.ndarray:
+    """6 x 3 float32 colours an image is painted with.
+
+    textured: any colours (uniform RGB), so most boundaries have a colour contrast; tinted: one hue
+    at six lightness levels, like a stained microscopy slide, so boundaries are lightness and
+    texture only. The two styles are the built-in "public data" and "new domain" of the engine.
+    """
+    if style == "textured":
+        return rng.uniform(0, 255, (6, 3)).astype(np.float32)
+    hue = rng.uniform(0.25, 1.0, 3)
+    hue /= hue.max()
+    return (hue[None, :] * rng.uniform(40, 255, (6, 1))).astype(np.float32)
+
+
 def _render_scene(
-    rng: np.random.Generator, size: int, min_objects: int, max_objects: int
+    rng: np.random.Generator, scene: "SceneSettings"
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """(size x size x 3 uint8 image, size x size uint16 label map, the (body id, last part id) of each object)."""
-    palette = rng.uniform(0, 255, (6, 3)).astype(np.float32)
+    size = scene.size
+    palette = _palette(rng, scene.style)
     canvas = _background(rng, size, palette)
     texture = _smooth_noise(rng, size, int(rng.integers(12, 40)))
     labels = np.zeros((size, size), np.uint16)
     objects: list[tuple[int, int]] = []
     next_id = 1
-    for _ in range(int(rng.integers(min_objects, max_objects + 1))):
-        radius = size * np.exp(rng.uniform(np.log(0.04), np.log(0.22)))
+    for _ in range(int(rng.integers(scene.min_objects, scene.max_objects + 1))):
+        radius = size * np.exp(rng.uniform(np.log(scene.min_radius), np.log(scene.max_radius)))
         body = _shape(rng, rng.choice(SHAPES), rng.uniform(0, size), rng.uniform(0, size), radius, size)
         if body is None or not body.mask.any():
             continue
@@ -212,44 +228,69 @@ def _mask_stack(labels: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray
     return stack
 
 
-def _check_arguments(size: int, min_objects: int, max_objects: int) -> None:
-    if size < 16:
-        raise ValueError(f"size must be at least 16, got {size}")
-    if not 0 <= min_objects <= max_objects or (MAX_PARTS + 1) * max_objects >= ANNOTATIONS_PER_IMAGE:
-        raise ValueError(f"need 0 <= min_objects <= max_objects < 250, got {min_objects}, {max_objects}")
+STYLES = ("textured", "tinted")
 
 
-def _render(index: int, seed: int, size: int, min_objects: int, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class SceneSettings:
+    """What a corpus's scenes look like: image side, objects per image, object radii as fractions of
+    the side (log-uniform between the two), and the colour style (see `_palette`)."""
+
+    size: int = 512
+    min_objects: int = 8
+    max_objects: int = 20
+    min_radius: float = 0.04
+    max_radius: float = 0.22
+    style: str = "textured"
+
+    def __post_init__(self) -> None:
+        if self.size < 16:
+            raise ValueError(f"size must be at least 16, got {self.size}")
+        if not 0 <= self.min_objects <= self.max_objects or (MAX_PARTS + 1) * self.max_objects >= ANNOTATIONS_PER_IMAGE:
+            raise ValueError(f"need 0 <= min_objects <= max_objects < 250, got {self.min_objects}, {self.max_objects}")
+        if not 0 < self.min_radius <= self.max_radius <= 1:
+            raise ValueError(f"need 0 < min_radius <= max_radius <= 1, got {self.min_radius}, {self.max_radius}")
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings a corpus directory records; fields at their defaults are left out, so a
+        corpus written before a field existed still matches."""
+        default = SceneSettings()
+        keep = ("size", "min_objects", "max_objects")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in keep or getattr(self, f.name) != getattr(default, f.name)}
+
+
+def _render(index: int, seed: int, scene: SceneSettings) -> tuple[np.ndarray, np.ndarray]:
     """(size x size x 3 uint8 image, size x size x N uint8 Fortran-order visible masks) of image `index`."""
-    _check_arguments(size, min_objects, max_objects)
     rng = np.random.default_rng([seed, index])  # one stream per image: independent of every other image
-    image, labels, objects = _render_scene(rng, size, min_objects, max_objects)
+    image, labels, objects = _render_scene(rng, scene)
     return image, _mask_stack(labels, _mask_ranges(labels, objects))
 
 
-def generate_image(
-    index: int, *, seed: int = 0, size: int = 512, min_objects: int = 8, max_objects: int = 20
-) -> tuple[np.ndarray, list[np.ndarray]]:
+def generate_image(index: int, *, seed: int = 0, **scene: Any) -> tuple[np.ndarray, list[np.ndarray]]:
     """Image `index` of the corpus for `seed`: (size x size x 3 uint8, list of size x size bool visible masks).
 
+    scene: `SceneSettings` fields (size, min_objects, max_objects, min_radius, max_radius, style).
     Masks come per object in depth order: the whole (body and parts), then each of its parts.
     """
-    image, stack = _render(index, seed, size, min_objects, max_objects)
+    image, stack = _render(index, seed, SceneSettings(**scene))
     return image, [np.ascontiguousarray(stack[:, :, k], dtype=bool) for k in range(stack.shape[2])]
 
 
-def _sample(index: int, seed: int, size: int, min_objects: int, max_objects: int) -> tuple[str, bytes, dict[str, Any]]:
+def _sample(index: int, seed: int, scene: SceneSettings) -> tuple[str, bytes, dict[str, Any]]:
     """(key, JPEG bytes, SA-1B record) of image `index`; the image id is the corpus-wide index."""
-    image, stack = _render(index, seed, size, min_objects, max_objects)
+    image, stack = _render(index, seed, scene)
     buffer = BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     rles = mask_utils.encode(stack) if stack.shape[2] else []
     annotations = [annotation_from_rle(r, annotation_id=index * ANNOTATIONS_PER_IMAGE + k) for k, r in enumerate(rles)]
+    size = scene.size
     record = make_record(image_id=index, width=size, height=size, file_name=f"sa_{index}.jpg", annotations=annotations)
     return sample_key(index), buffer.getvalue(), record
 
 
-def _claim_directory(directory: Path, settings: dict[str, int]) -> None:
+def _claim_directory(directory: Path, settings: dict[str, Any]) -> None:
     """Records the generation settings, refusing a directory that holds shards made any other way."""
     path = directory / SETTINGS_NAME
     if path.exists():
@@ -268,26 +309,22 @@ def write_synthetic_corpus(
     *,
     num_images: int,
     seed: int = 0,
-    size: int = 512,
     images_per_shard: int = 100,
-    min_objects: int = 8,
-    max_objects: int = 20,
     progress: bool = True,
+    **scene: Any,
 ) -> list[Path]:
     """Writes images 0..num_images-1 as shards sa_000000.tar, ... in `directory`; returns every shard's path.
 
+    scene: `SceneSettings` fields (size, min_objects, max_objects, min_radius, max_radius, style).
     A shard already in the directory's manifest with its full sample count is kept as it is, so an
     interrupted run resumes where it stopped, and a larger `num_images` extends a smaller corpus.
     """
-    _check_arguments(size, min_objects, max_objects)
+    settings = SceneSettings(**scene)
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be positive, got {images_per_shard}")
     directory = Path(directory)
     # shard boundaries depend on images_per_shard, so it is part of what a resumed run must match
-    settings = dict(
-        seed=seed, size=size, images_per_shard=images_per_shard, min_objects=min_objects, max_objects=max_objects
-    )
-    _claim_directory(directory, settings)
+    _claim_directory(directory, dict(seed=seed, images_per_shard=images_per_shard, **settings.recorded()))
     done = read_manifest(directory)["shards"]
     paths = []
     with tqdm(total=num_images, unit="img", disable=not progress) as bar:
@@ -303,25 +340,23 @@ def write_synthetic_corpus(
             )
             with writer:
                 for index in range(first, stop):
-                    writer.write(*_sample(index, seed, size, min_objects, max_objects))
+                    writer.write(*_sample(index, seed, settings))
                     bar.update(1)
             paths.extend(writer.written)
     return paths
 
 
-
 def write_configured_corpus(settings: Mapping[str, Any], *, progress: bool = True) -> list[Path]:
-    """`write_synthetic_corpus` from a config's `synthetic` section (directory, num_images, seed, size,
-    images_per_shard, min_objects, max_objects), as segany-train and segany-engine give it."""
+    """`write_synthetic_corpus` from a config's `synthetic` section (directory, num_images, seed,
+    images_per_shard and any `SceneSettings` field), as segany-train and segany-engine give it."""
+    scene = {f.name: settings[f.name] for f in fields(SceneSettings) if settings.get(f.name) is not None}
     return write_synthetic_corpus(
         settings["directory"],
         num_images=settings["num_images"],
         seed=settings["seed"],
-        size=settings["size"],
         images_per_shard=settings["images_per_shard"],
-        min_objects=settings["min_objects"],
-        max_objects=settings["max_objects"],
         progress=progress,
+        **scene,
     )
 
 
@@ -334,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-shard", type=int, default=100)
     parser.add_argument("--min-objects", type=int, default=8)
     parser.add_argument("--max-objects", type=int, default=20)
+    parser.add_argument("--min-radius", type=float, default=0.04, help="smallest object radius, a fraction of the side")
+    parser.add_argument("--max-radius", type=float, default=0.22, help="largest object radius, a fraction of the side")
+    parser.add_argument("--style", choices=STYLES, default="textured", help="colour style (see the module docstring)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -345,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         images_per_shard=args.images_per_shard,
         min_objects=args.min_objects,
         max_objects=args.max_objects,
+        min_radius=args.min_radius,
+        max_radius=args.max_radius,
+        style=args.style,
         progress=not args.no_progress,
     )
     print(f"{args.num_images} images in {len(paths)} shards in {args.out} ({time.perf_counter() - start:.1f} s)")
