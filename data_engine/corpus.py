@@ -6,6 +6,7 @@ real annotation tool the pool needs no masks at all.
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,21 +31,26 @@ class CorpusSplit:
         return [url for chunk in self.chunks for url in chunk]
 
 
-def split_corpus(shards: str | list[str], *, seed_shards: int, holdout_shards: int, rounds: int) -> CorpusSplit:
-    """The first `seed_shards` shards seed, the last `holdout_shards` are held out, and the rest is
-    dealt into `rounds` chunks of consecutive shards (the remainder goes to the last chunks)."""
+def split_corpus(shards: str | list[str], *, seed: str | list[str], holdout_shards: int, rounds: int) -> CorpusSplit:
+    """The last `holdout_shards` of `shards` are held out, and the rest is dealt into `rounds` chunks
+    of consecutive shards (the remainder goes to the last chunks); `seed` (the seed model's own data,
+    the paper's public data) must share no shard with them."""
     urls = expand_shard_patterns(shards)
-    pool = urls[seed_shards : len(urls) - holdout_shards]
-    if seed_shards < 1 or holdout_shards < 1 or len(pool) < rounds:
+    seed_urls = expand_shard_patterns(seed)
+    pool = urls[: len(urls) - holdout_shards]
+    if holdout_shards < 1 or len(pool) < rounds:
         raise ValueError(
-            f"{len(urls)} shards cannot give {seed_shards} seed shard(s), {holdout_shards} held-out shard(s) "
+            f"{len(urls)} shards cannot give {holdout_shards} held-out shard(s) "
             f"and at least one pool shard for each of {rounds} annotation rounds"
         )
+    shared = {str(Path(u).resolve()) for u in seed_urls} & {str(Path(u).resolve()) for u in urls}
+    if shared:
+        raise ValueError(f"the seed split and the pool share shards: {sorted(shared)[:3]}")
     base, extra = divmod(len(pool), rounds)
     sizes = [base + (1 if r >= rounds - extra else 0) for r in range(rounds)]
     starts = np.cumsum([0] + sizes)
     chunks = [pool[starts[r] : starts[r + 1]] for r in range(rounds)]
-    return CorpusSplit(seed=urls[:seed_shards], chunks=chunks, holdout=urls[len(urls) - holdout_shards :])
+    return CorpusSplit(seed=seed_urls, chunks=chunks, holdout=urls[len(urls) - holdout_shards :])
 
 
 @dataclass

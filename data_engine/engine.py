@@ -26,14 +26,16 @@ from data_engine.annotation_tasks import TASKS_FILE, AwaitingAnnotation, export_
 from data_engine.annotator import SimulatedAnnotator, TimeModel
 from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
+from data_engine.holdout import evaluate_holdout
 from data_engine.ledger import RunLedger
 from data_engine.prefill import BoxPrefill, train_prefill_detector
 from data_engine.report import save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
+from data_engine.seed_model import resolve_seed_checkpoint
+from data_engine.targets import engine_summary
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
-from segany_train.evaluation.interactive import InteractiveEvalConfig, evaluate_interactive
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
 from segany_train.train import CONFIG_DIR
@@ -42,20 +44,20 @@ ANNOTATOR_KINDS = ("simulated", "coco_tasks")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
 
 
-def load_model(checkpoint: str) -> Sam:
-    return build_sam_from_checkpoint(checkpoint).eval()
+def engine_device(setting: str, trainer_accelerator: str | None) -> torch.device:
+    """Where annotation, pre-fill, stage 3 and evaluation run: `auto` follows the trainer (a GPU
+    trainer, or an `auto` one on a machine with CUDA, means CUDA); else the named device."""
+    if setting == "auto":
+        gpu = trainer_accelerator in ("gpu", "cuda") or (trainer_accelerator == "auto" and torch.cuda.is_available())
+        setting = "cuda" if gpu else "cpu"
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"the engine's device is {setting}, but this machine has no CUDA device (use device=cpu or auto)")
+    return device
 
 
-def held_out_miou(checkpoint: str, holdout: list[str], cfg: DictConfig) -> dict[str, float]:
-    """mIoU after 1 and 5 center clicks on the held-out shards (the evaluation protocol)."""
-    report = evaluate_interactive(
-        load_model(checkpoint),
-        holdout,
-        InteractiveEvalConfig(max_clicks=5, max_masks_per_image=cfg.eval.max_masks_per_image),
-        max_images=cfg.eval.max_images,
-        progress=cfg.progress,
-    )
-    return {"miou_1": report["miou"]["1"], "miou_5": report["miou"]["5"], "eval_masks": report["masks"]}
+def load_model(checkpoint: str, device: torch.device | str = "cpu") -> Sam:
+    return build_sam_from_checkpoint(checkpoint).to(device).eval()
 
 
 def _annotator_factory(predictor: SamPredictor, cfg: DictConfig):
@@ -89,15 +91,15 @@ class Engine:
         if cfg.annotator.kind not in ANNOTATOR_KINDS:  # checked before minutes of seed training
             raise ValueError(f"annotator.kind must be one of {ANNOTATOR_KINDS}, got {cfg.annotator.kind!r}")
         self.run_dir = Path(cfg.run_dir)
-        self.ledger = RunLedger(self.run_dir, OmegaConf.to_container(cfg, resolve=True))
         self.train_base = compose_training_config(list(cfg.training.overrides))
+        self.device = engine_device(cfg.device, self.train_base.trainer.get("accelerator"))
+        # the shipped (or a given) seed model, hash-checked before anything runs; None: trained here
+        self.seed_weights = str(resolve_seed_checkpoint(cfg.seed_model.checkpoint, cfg.seed_model.sha256)) if cfg.seed_model.checkpoint else None
+        self.ledger = RunLedger(self.run_dir, OmegaConf.to_container(cfg, resolve=True))
+        # the retrains after the seed; the control trains as many steps on the seed split alone
+        self.cycle_steps = cfg.stage1.rounds * cfg.stage1.train_steps + cfg.stage2.rounds * cfg.stage2.train_steps + cfg.stage3.train_steps
         # one lr schedule over the whole cycle: every retrain continues the training run before it
-        self.total_train_steps = (
-            cfg.training.seed_steps
-            + cfg.stage1.rounds * cfg.stage1.train_steps
-            + cfg.stage2.rounds * cfg.stage2.train_steps
-            + cfg.stage3.train_steps
-        )
+        self.total_train_steps = self.cycle_steps + (0 if self.seed_weights else cfg.seed_model.train_steps)
         self.rows: list[dict[str, Any]] = []
 
     def _relative(self, path: str) -> str:
@@ -107,7 +109,11 @@ class Engine:
         return str(self.run_dir / path)
 
     def _train(self, step: str, shards: list[str], init: str | None, steps: int, holdout: list[str]) -> str:
-        """A retrain step; returns the checkpoint path (recorded relative to the run directory)."""
+        """A retrain step; returns the checkpoint path (recorded relative to the run directory).
+
+        init: None trains a new model; the seed weights start a new training run from them; any other
+        checkpoint is an earlier retrain, whose whole training state is continued."""
+        from_weights = init is not None and init == self.seed_weights
         result = self.ledger.run(
             step,
             lambda: {
@@ -118,30 +124,45 @@ class Engine:
                         train_shards=shards,
                         val_shards=holdout,
                         steps=steps,
-                        continue_from=init,
+                        continue_from=None if from_weights else init,
+                        weights=init if from_weights else None,
                         total_steps=self.total_train_steps,
                         seed=self.cfg.seed + len(self.ledger.state["order"]),
                         progress=self.cfg.progress,
                     )
                 ),
-                "train_shards": [self._relative(s) if s.startswith(str(self.run_dir)) else s for s in shards],
+                "train_shards": [self._relative(s) if Path(s).resolve().is_relative_to(self.run_dir.resolve()) else s for s in shards],
             },
         )
         return self._absolute(result["checkpoint"])
 
-    def _evaluate(self, step: str, checkpoint: str, holdout: list[str]) -> dict[str, float]:
-        return self.ledger.run(step, lambda: held_out_miou(checkpoint, holdout, self.cfg))
+    def _evaluate(self, step: str, checkpoint: str, holdout: list[str]) -> dict[str, Any]:
+        cfg = self.cfg
+        return self.ledger.run(
+            step,
+            lambda: evaluate_holdout(
+                self._model(checkpoint),
+                holdout,
+                max_images=cfg.eval.max_images,
+                max_masks_per_image=cfg.eval.max_masks_per_image,
+                seed=cfg.seed,
+                progress=cfg.progress,
+            ),
+        )
+
+    def _model(self, checkpoint: str) -> Sam:
+        return load_model(checkpoint, self.device)
 
     def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
             step_dir = self.ledger.step_dir(step)
             if self.cfg.annotator.kind == "coco_tasks":  # a real tool: export, wait for its result, import
                 if not (step_dir / "tasks" / TASKS_FILE).exists():
-                    shown = prefill(SamPredictor(load_model(checkpoint))) if prefill else None
+                    shown = prefill(SamPredictor(self._model(checkpoint))) if prefill else None
                     export_tasks(chunk, step_dir / "tasks", prefill=shown, progress=self.cfg.progress)
                 out = import_annotations(step_dir / "tasks", step_dir, first_index=first_index)
             else:
-                predictor = SamPredictor(load_model(checkpoint))
+                predictor = SamPredictor(self._model(checkpoint))
                 out = annotate_shards(
                     chunk,
                     step_dir,
@@ -158,17 +179,18 @@ class Engine:
 
     def run(self, split: CorpusSplit) -> Path:
         cfg = self.cfg
-        checkpoint = self._train("seed/train", split.seed, None, cfg.training.seed_steps, split.holdout)
-        self.rows.append({"stage": "seed", "round": None, **self._evaluate("seed/eval", checkpoint, split.holdout)})
+        seed = self.seed_weights or self._train("seed/train", split.seed, None, cfg.seed_model.train_steps, split.holdout)
+        self.rows.append({"stage": "seed", "round": None, **self._evaluate("seed/eval", seed, split.holdout)})
+        checkpoint = seed
         annotated: list[dict[str, Any]] = []
         chunk = 0
         for stage, rounds in (("stage1", cfg.stage1.rounds), ("stage2", cfg.stage2.rounds)):
-            prefill = None
-            if stage == "stage2" and rounds:
-                detector_path = self._detector(checkpoint, _shard_list(annotated))
-                prefill = partial(BoxPrefill.from_files, detector_path, settings=cfg.stage2.prefill)
             for r in range(1, rounds + 1):
                 step = f"{stage}/round{r}"
+                prefill = None
+                if stage == "stage2":  # the detector learns from the current model's embeddings, every round
+                    detector_path = self._detector(f"{step}/detector", checkpoint, _shard_list(annotated))
+                    prefill = partial(BoxPrefill.from_files, detector_path, settings=cfg.stage2.prefill)
                 ann = self._annotate(f"{step}/annotate", checkpoint, split.chunks[chunk], sum(map(len, split.chunks[:chunk])), prefill)
                 chunk += 1
                 annotated.append(ann)
@@ -177,15 +199,24 @@ class Engine:
                 checkpoint = self._train(f"{step}/train", shards, checkpoint, steps, split.holdout)
                 self.rows.append({"stage": stage, "round": r, **ann["stats"], **self._evaluate(f"{step}/eval", checkpoint, split.holdout)})
         quality, overlays = self.automatic_stage(checkpoint, split, _shard_list(annotated))
-        notes = [f"run directory: {self.run_dir}", f"pool: {len(split.pool)} shards; held out: {len(split.holdout)}"]
-        return write_report(self.run_dir, self.rows, quality, overlays, notes, self.ledger.state.get("wall_seconds"))
+        if cfg.control.enabled:
+            # the same number of steps from the same seed on the seed split alone: does the gain come
+            # from the engine's masks, or just from training longer?
+            control = self._train("control/train", split.seed, seed, self.cycle_steps, split.holdout)
+            self.rows.append({"stage": "control", "round": None, **self._evaluate("control/eval", control, split.holdout)})
+        summary = engine_summary(self.rows, quality)
+        self.ledger.record_summary(summary)
+        notes = [
+            f"run directory: {self.run_dir}",
+            f"seed split: {len(split.seed)} shards; pool: {len(split.pool)} shards; held out: {len(split.holdout)} shards",
+            f"devices: training {self.train_base.trainer.get('accelerator')}, annotation/stage 3/evaluation {self.device}",
+        ]
+        return write_report(self.run_dir, self.rows, quality, overlays, notes, self.ledger.state.get("wall_seconds"), summary)
 
-    def _detector(self, checkpoint: str, shards: list[str]) -> str:
-        step = "stage2/detector"
-
+    def _detector(self, step: str, checkpoint: str, shards: list[str]) -> str:
         def work() -> dict[str, Any]:
             path = train_prefill_detector(
-                load_model(checkpoint),
+                self._model(checkpoint),
                 shards,
                 self.ledger.step_dir(step),
                 settings=self.cfg.stage2.detector,
@@ -203,7 +234,7 @@ class Engine:
         cfg = self.cfg
 
         def generate() -> dict[str, Any]:
-            generator = SamAutomaticMaskGenerator(load_model(checkpoint), **OmegaConf.to_container(cfg.stage3.generator, resolve=True))
+            generator = SamAutomaticMaskGenerator(self._model(checkpoint), **OmegaConf.to_container(cfg.stage3.generator, resolve=True))
             out = generate_shards(generator, split.pool, self.ledger.step_dir("stage3/generate"), progress=cfg.progress)
             return {"shards": [self._relative(s) for s in out["shards"]], "quality": summarize_quality(out["images"])}
 
@@ -232,9 +263,12 @@ class Engine:
 
 
 def prepare_corpus(cfg: DictConfig) -> None:
-    """Writes the synthetic corpus when the config names one (resumable, deterministic)."""
+    """Writes the synthetic corpora the config names, the pool's and the seed split's (resumable,
+    deterministic)."""
     if cfg.corpus.synthetic:
         write_configured_corpus(cfg.corpus.synthetic, progress=cfg.progress)
+    if cfg.only is None and cfg.seed_model.corpus:
+        write_configured_corpus(cfg.seed_model.corpus, progress=cfg.progress)
 
 
 def run_engine(cfg: DictConfig) -> Path:
@@ -255,7 +289,7 @@ def run_engine(cfg: DictConfig) -> Path:
     if cfg.only:
         raise ValueError(f"only must be null or stage3, got {cfg.only!r}")
     rounds = cfg.stage1.rounds + cfg.stage2.rounds
-    split = split_corpus(cfg.corpus.shards, seed_shards=cfg.corpus.seed_shards, holdout_shards=cfg.corpus.holdout_shards, rounds=rounds)
+    split = split_corpus(cfg.corpus.shards, seed=cfg.seed_model.shards, holdout_shards=cfg.corpus.holdout_shards, rounds=rounds)
     return engine.run(split)
 
 

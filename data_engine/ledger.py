@@ -16,6 +16,8 @@ from typing import Any
 from segany_train.data.shard_writer import write_json_atomically
 
 MANIFEST = "engine.json"
+# settings that change how a run is shown, not what it computes: resuming with another value is fine
+PRESENTATION_KEYS = ("progress", "threads")
 
 
 class ConfigChangedError(RuntimeError):
@@ -29,7 +31,8 @@ class RunLedger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / MANIFEST
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        computed = {k: v for k, v in config.items() if k not in PRESENTATION_KEYS}
+        digest = hashlib.sha256(json.dumps(computed, sort_keys=True, default=str).encode()).hexdigest()[:16]
         if self.path.exists():
             self.state = json.loads(self.path.read_text())
             if self.state["config_digest"] != digest:
@@ -67,6 +70,11 @@ class RunLedger:
         self.state.setdefault("wall_seconds", {})[step] = round(time.perf_counter() - start, 2)
         self.finish(step, result)
         return result
+
+    def record_summary(self, summary: dict[str, Any]) -> None:
+        """The run's headline figures and target checks, under "summary" (stable keys for scripts)."""
+        self.state["summary"] = summary
+        self._save()
 
     def step_dir(self, step: str) -> Path:
         """The directory a step writes into (created)."""

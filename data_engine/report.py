@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data_engine.targets import targets_table  # noqa: E402
 from segany_train.mask_overlay import render_overlay  # noqa: E402
 
 COLUMNS = [
@@ -24,7 +25,9 @@ COLUMNS = [
     ("prefilled_per_image", "prefilled/image", "{:.2f}"),
     ("prefilled_precision", "prefilled precision", "{:.2f}"),
     ("miou_1", "held-out mIoU@1", "{:.3f}"),
+    ("miou_1_ci", "95% interval", "{0[0]:.3f}-{0[1]:.3f}"),
     ("miou_5", "held-out mIoU@5", "{:.3f}"),
+    ("iou_head_spearman", "IoU-head Spearman", "{:.2f}"),
 ]
 PLOTS = [
     ("masks_per_image", "masks per image"),
@@ -52,11 +55,17 @@ def plot_trends(rows: list[dict[str, Any]], path: Path) -> Path:
     """One panel per statistic, rounds in order along x, coloured by stage."""
     fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.4))
     labels = [r["stage"] if r["round"] is None else f"{r['stage']} r{r['round']}" for r in rows]
-    colours = {"seed": "grey", "stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green"}
+    colours = {"seed": "grey", "stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green", "final": "tab:green", "control": "tab:red"}
     for ax, (key, title) in zip(axes, PLOTS):
         xs = [i for i, r in enumerate(rows) if r.get(key) is not None and not math.isnan(r[key])]
-        ax.plot(xs, [rows[i][key] for i in xs], color="lightgrey", zorder=1)
+        line = [i for i in xs if rows[i]["stage"] != "control"]  # the control is beside the cycle, not in it
+        ax.plot(line, [rows[i][key] for i in line], color="lightgrey", zorder=1)
         ax.scatter(xs, [rows[i][key] for i in xs], c=[colours.get(rows[i]["stage"], "k") for i in xs], zorder=2)
+        ci = [i for i in xs if rows[i].get(f"{key}_ci")]
+        if ci:  # 95% bootstrap intervals
+            low = [rows[i][key] - rows[i][f"{key}_ci"][0] for i in ci]
+            high = [rows[i][f"{key}_ci"][1] - rows[i][key] for i in ci]
+            ax.errorbar(ci, [rows[i][key] for i in ci], yerr=[low, high], fmt="none", ecolor="k", elinewidth=0.8, capsize=2, zorder=3)
         ax.set_title(title)
         ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
         ax.grid(alpha=0.3)
@@ -97,6 +106,7 @@ def write_report(
     overlays: list[Path],
     notes: list[str],
     wall_seconds: dict[str, float] | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> Path:
     """report.md (+ trends.png) in the run directory."""
     plot = plot_trends(rows, run_dir / "trends.png")
@@ -105,13 +115,17 @@ def write_report(
         "",
         "Rows are rounds in order: the seed model, stage 1 (assisted-manual), stage 2 (semi-automatic),",
         "stage 3 (fully automatic, then the final retrain). Seconds, clicks and brush rate are per new mask;",
-        "held-out mIoU is the interactive protocol on the held-out shards after the round's retrain.",
+        "held-out mIoU is the interactive protocol on the held-out shards after the round's retrain, with its",
+        "95% bootstrap interval over images; the control trained as many steps as the cycle from the same seed,",
+        "on the seed split alone.",
         "",
         markdown_table(rows),
         "",
         f"![trends]({plot.name})",
         "",
     ]
+    if summary:
+        lines += ["## Targets", "", targets_table(summary), ""]
     if quality:
         lines += [
             "## Stage 3 automatic masks against the GT",

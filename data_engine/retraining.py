@@ -31,6 +31,7 @@ def retrain(
     steps: int,
     seed: int,
     continue_from: str | None = None,
+    weights: str | None = None,
     total_steps: int | None = None,
     progress: bool = True,
 ) -> str:
@@ -58,6 +59,8 @@ def retrain(
         cfg.ckpt_path = "last" if own_last.exists() or continue_from is None else str(continue_from)
         if continue_from is not None:  # the weights come with the training state
             cfg.model.checkpoint = None
+        elif weights is not None:
+            cfg.model.checkpoint = str(weights)
         cfg.data.synthetic = None
         cfg.data.train_shards = list(train_shards)
         cfg.data.val_shards = list(val_shards)
@@ -78,4 +81,4 @@ def retrain(
 
 def _global_step(checkpoint: str) -> int:
     """The optimiser steps a Lightning checkpoint has taken."""
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])

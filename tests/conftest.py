@@ -9,6 +9,16 @@ from segany_train.model import SamConfig, build_sam
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: where there is none they are skipped, and the skip says why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 # Small enough to build and run in milliseconds, with every architectural feature present: windowed
 # attention with padding (window 3 does not divide the 8x8 grid), global attention, several heads,
 # a down-sampled decoder attention and 3 multimask outputs.

@@ -42,11 +42,13 @@ def test_ledger_records_steps_and_refuses_another_config(tmp_path):
 
 
 def test_corpus_split_partitions_the_pool(pool):
-    split = split_corpus(pool, seed_shards=1, holdout_shards=1, rounds=2)
+    split = split_corpus(pool[1:], seed=pool[:1], holdout_shards=1, rounds=2)
     assert split.seed == pool[:1] and split.holdout == pool[-1:]
+    with pytest.raises(ValueError, match="share shards"):
+        split_corpus(pool, seed=pool[:1], holdout_shards=1, rounds=2)
     assert split.pool == pool[1:-1] and [len(c) for c in split.chunks] == [1, 1]
     with pytest.raises(ValueError, match="at least one pool shard for each of 3"):
-        split_corpus(pool, seed_shards=1, holdout_shards=1, rounds=3)
+        split_corpus(pool[1:], seed=pool[:1], holdout_shards=1, rounds=3)
 
 
 class GroundTruthTool:
@@ -156,7 +158,21 @@ TRAINING = [
 ]
 
 
+def _seed_weights(directory: Path) -> tuple[Path, str]:
+    """A seed model file for the engine's test training config, and its SHA-256."""
+    from data_engine.seed_model import file_sha256
+    from segany_train.model import build_sam_by_name
+
+    path = directory / "seed.pth"
+    if not path.exists():
+        torch.manual_seed(5)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(build_sam_by_name("vit_t_256_small_decoder").state_dict(), path)
+    return path, file_sha256(path)
+
+
 def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
+    seed, digest = _seed_weights(corpus.parent / "seed_model")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose(
             "engine/cycle",
@@ -164,13 +180,19 @@ def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
                 f"run_dir={tmp_path / 'run'}",
                 "progress=false",
                 f"corpus.synthetic.directory={corpus}",
-                "corpus.synthetic.num_images=14",
+                "corpus.synthetic.num_images=10",
                 "corpus.synthetic.images_per_shard=2",
                 "corpus.synthetic.size=96",
-                f"corpus.shards='{corpus}/sa_{{000000..000006}}.tar'",
-                "corpus.seed_shards=2",
+                f"corpus.shards='{corpus}/sa_{{000000..000004}}.tar'",
                 "corpus.holdout_shards=1",
-                "training.seed_steps=3",
+                f"seed_model.checkpoint={seed}",
+                f"seed_model.sha256={digest}",
+                f"seed_model.corpus.directory={corpus}_seed",
+                "seed_model.corpus.num_images=4",
+                "seed_model.corpus.images_per_shard=2",
+                "seed_model.corpus.size=96",
+                f"seed_model.shards='{corpus}_seed/sa_{{000000..000001}}.tar'",
+                "seed_model.train_steps=3",
                 "training.overrides=[" + ",".join(f"'{o}'" for o in TRAINING) + "]",
                 "stage1.rounds=2",
                 "stage1.train_steps=2",
@@ -186,6 +208,7 @@ def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
                 "stage3.train_steps=2",
                 "eval.max_images=2",
                 "report.overlays=1",
+                "device=auto",
                 *extra,
             ],
         )
@@ -198,9 +221,9 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     cfg = _engine_config(tmp_path, corpus)
     real_retrain, calls = engine.retrain, {"n": 0}
 
-    def flaky_retrain(*args, **kwargs):  # the third retrain (stage 1 round 2) is killed partway
+    def flaky_retrain(*args, **kwargs):  # the second retrain (stage 1 round 2) is killed partway
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise KeyboardInterrupt("killed while training")
         return real_retrain(*args, **kwargs)
 
@@ -208,44 +231,105 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     with pytest.raises(KeyboardInterrupt):
         engine.run_engine(cfg)
     ledger = json.loads((tmp_path / "run" / "engine.json").read_text())
-    assert ledger["order"][:5] == ["seed/train", "seed/eval", "stage1/round1/annotate", "stage1/round1/train", "stage1/round1/eval"]
+    # the shipped-style seed weights are used as they are: no seed training, the seed is evaluated
+    assert ledger["order"][:4] == ["seed/eval", "stage1/round1/annotate", "stage1/round1/train", "stage1/round1/eval"]
     assert "stage1/round2/annotate" in ledger["order"] and "stage1/round2/train" not in ledger["steps"]
 
     monkeypatch.setattr(engine, "retrain", real_retrain)
-    report = engine.run_engine(cfg)
+    report = engine.run_engine(cfg.copy())
     ledger = json.loads((tmp_path / "run" / "engine.json").read_text())
+    steps = ledger["steps"]
     assert ledger["order"].count("stage1/round1/annotate") == 1
-    expected = ["stage2/detector", "stage2/round2/eval", "stage3/generate", "stage3/train", "stage3/eval"]
-    assert all(step in ledger["steps"] for step in expected)
+    expected = ["stage2/round1/detector", "stage2/round2/detector", "stage2/round2/eval", "stage3/generate", "stage3/train", "stage3/eval", "control/train", "control/eval"]
+    assert all(step in steps for step in expected)
+    # stage 2's detector is retrained every round, on the embeddings of the model that round annotates with
+    assert steps["stage2/round1/detector"]["model"] == steps["stage1/round2/train"]["checkpoint"]
+    assert steps["stage2/round2/detector"]["model"] == steps["stage2/round1/train"]["checkpoint"]
     text = report.read_text()
     assert "| stage2 | 2 |" in text and "held-out mIoU@5" in text and (tmp_path / "run" / "trends.png").exists()
+    assert "| control |" in text and "## Targets" in text
+    # every figure the targets need, under stable keys, with 95% intervals
+    summary = ledger["summary"]
+    for who in ("seed", "final", "control"):
+        low, high = summary[who]["miou_1_ci"]
+        assert low <= summary[who]["miou_1"] <= high
+    assert set(summary["targets"]) == {
+        "final_vs_seed", "final_vs_control", "stage1_seconds_fall", "stage1_masks_rise",
+        "stage2_prefill", "stage2_more_masks_than_stage1", "stage3_quality", "iou_head_spearman",
+    }
     # every pool image annotated exactly once across the rounds, and stage 3 covered the whole pool
     annotated = [k for s in Path(tmp_path / "run").glob("stage[12]/round*/annotate/annotated-*.tar") for k in _keys(str(s))]
     assert len(annotated) == len(set(annotated))
-    pool_keys = {k for i in range(2, 6) for k in _keys(str(corpus / f"sa_{i:06d}.tar"))}
+    pool_keys = {k for i in range(0, 4) for k in _keys(str(corpus / f"sa_{i:06d}.tar"))}
     assert set(annotated) <= pool_keys
-    stage3 = json.loads((tmp_path / "run" / "engine.json").read_text())["steps"]["stage3/generate"]["quality"]
-    assert stage3["images"] == len(pool_keys)
-    assert engine.run_engine(cfg) == report  # a finished run only rewrites the report
+    assert steps["stage3/generate"]["quality"]["images"] == len(pool_keys)
+    assert engine.run_engine(cfg.copy()) == report  # a finished run only rewrites the report
 
-    # one training run across the cycle: each retrain continued the last (seed 3 + 4 rounds x 2 + final 2),
-    # the one killed partway included
-    final = tmp_path / "run" / ledger["steps"]["stage3/train"]["checkpoint"]
-    state = torch.load(final, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 3 + 4 * 2 + 2
-    assert state["lr_schedulers"][0]["last_epoch"] == 3 + 4 * 2 + 2  # the schedule went on, not restarted
+    # one training run across the cycle, started from the seed weights: each retrain continued the
+    # last (4 rounds x 2 + final 2), the one killed partway included
+    final = tmp_path / "run" / steps["stage3/train"]["checkpoint"]
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 * 2 + 2
+    assert state["lr_schedulers"][0]["last_epoch"] == 4 * 2 + 2  # the schedule went on, not restarted
+    # the control: as many steps from the same seed, on the seed split only
+    control = torch.load(tmp_path / "run" / steps["control/train"]["checkpoint"], map_location="cpu", weights_only=True)
+    assert control["global_step"] == state["global_step"]
+    control_shards = steps["control/train"]["train_shards"]
+    assert control_shards and all(Path(s).parent == Path(f"{corpus}_seed") for s in control_shards)
 
     # stage 3 alone: a team's own shards and model, no cycle around it
-    extra = ["only=stage3", f"checkpoint={final}", "corpus.synthetic=null", f"corpus.shards='{corpus}/sa_000006.tar'"]
+    extra = ["only=stage3", f"checkpoint={final}", "corpus.synthetic=null", f"corpus.shards='{corpus}/sa_000004.tar'"]
     alone = engine.run_engine(_engine_config(tmp_path / "alone", corpus, extra))
     automatic = sorted((tmp_path / "alone" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
-    assert [k for s in automatic for k in _keys(str(s))] == _keys(str(corpus / "sa_000006.tar"))
+    assert [k for s in automatic for k in _keys(str(s))] == _keys(str(corpus / "sa_000004.tar"))
     assert "Stage 3 automatic masks" in alone.read_text()
 
     # a generator that keeps no mask leaves no shard, and the report says so instead of failing
     strict = engine.run_engine(_engine_config(tmp_path / "strict", corpus, [*extra, "stage3.generator.pred_iou_thresh=1.0"]))
     assert "- 0 masks on 2 images" in strict.read_text()
     assert not list((tmp_path / "strict" / "run" / "stage3" / "generate").glob("*.tar"))
+
+
+def test_seed_model_is_hash_checked_before_anything_runs(tmp_path):
+    from data_engine import engine
+    from data_engine.seed_model import BUILTIN_PATH, BUILTIN_SHA256, SeedModelError, file_sha256, resolve_seed_checkpoint
+
+    corpus = tmp_path / "corpus"
+    with pytest.raises(SeedModelError, match="expected 0000"):
+        engine.run_engine(_engine_config(tmp_path, corpus, ["seed_model.sha256=" + "0" * 64]))
+    assert not (tmp_path / "run" / "engine.json").exists()  # refused before the ledger or any training
+    with pytest.raises(SeedModelError, match="not found"):
+        resolve_seed_checkpoint(str(tmp_path / "missing.pt"))
+    # the shipped seed is the file its recorded hash names, and loads as plain weights
+    assert resolve_seed_checkpoint("builtin") == BUILTIN_PATH and file_sha256(BUILTIN_PATH) == BUILTIN_SHA256
+    weights = torch.load(BUILTIN_PATH, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    assert BUILTIN_PATH.stat().st_size <= 10 * 2**20
+
+
+def test_engine_device_follows_the_trainer():
+    from data_engine.engine import engine_device
+
+    assert engine_device("auto", "cpu") == torch.device("cpu")
+    assert engine_device("cpu", "gpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            engine_device("auto", "gpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            engine_device("cuda", "cpu")
+        assert engine_device("auto", "auto") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_engine_device_auto_puts_the_engine_on_cuda_with_a_gpu_trainer(tmp_path):
+    from data_engine.engine import Engine
+
+    corpus = tmp_path / "corpus"
+    cfg = _engine_config(tmp_path, corpus, ["training.overrides=[" + ",".join(f"'{o}'" for o in [*TRAINING, "trainer=gpu"]) + "]"])
+    eng = Engine(cfg)
+    assert eng.device.type == "cuda"
+    seed, _ = _seed_weights(corpus.parent / "seed_model")
+    assert next(eng._model(str(seed)).parameters()).device.type == "cuda"
 
 
 def _answer_tasks_with_ground_truth(task_dir: Path) -> None:
@@ -269,7 +353,12 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
     from data_engine.annotation_tasks import AwaitingAnnotation
 
     corpus = tmp_path / "corpus"
-    cfg = _engine_config(tmp_path, corpus, ["annotator.kind=coco_tasks", "stage1.rounds=1", "stage2.rounds=1", "stage3.train_steps=0"])
+    # also: a seed trained here from scratch (seed_model.checkpoint=null) instead of a shipped one
+    cfg = _engine_config(
+        tmp_path,
+        corpus,
+        ["annotator.kind=coco_tasks", "stage1.rounds=1", "stage2.rounds=1", "stage3.train_steps=0", "seed_model.checkpoint=null", "control.enabled=false"],
+    )
     run = tmp_path / "run"
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
         with pytest.raises(AwaitingAnnotation, match="annotations.json"):
@@ -283,7 +372,8 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
         stats = steps[step]["stats"]
         assert stats["masks_per_image"] == stats["gt_objects_per_image"] > 0  # every GT object came back
-    assert "stage2/detector" in steps  # stage 2's tasks went out with the detector's pre-fill (none, this untrained)
+    assert "seed/train" in steps and "control/train" not in steps
+    assert "stage2/round1/detector" in steps  # stage 2's tasks went out with the detector's pre-fill (none, this untrained)
     assert "| stage2 | 1 |" in report
 
 
@@ -302,3 +392,56 @@ def test_the_seed_can_start_from_a_trained_model_and_retrains_continue_it(pool, 
     assert torch.load(again, map_location="cpu", weights_only=False)["global_step"] == 5
     with pytest.raises(ValueError, match="the lr schedule has 5 steps"):
         retrain(base, run_dir=tmp_path / "over", train_shards=pool[:1], val_shards=pool[1:2], steps=1, seed=0, continue_from=again, total_steps=5, progress=False)
+
+
+def test_bootstrap_interval_against_a_brute_force_resampling():
+    from data_engine.holdout import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    values = rng.random(30)
+    groups = rng.integers(0, 8, 30)
+    low, high = bootstrap_interval(values, groups, samples=4000, seed=3)
+    # brute force: draw images with replacement, pool their masks, take the mean
+    ids = np.unique(groups)
+    draws = np.random.default_rng(7)
+    means = []
+    for _ in range(4000):
+        picked = draws.choice(ids, size=ids.size, replace=True)
+        means.append(np.concatenate([values[groups == g] for g in picked]).mean())
+    ref_low, ref_high = np.percentile(means, [2.5, 97.5])
+    assert low == pytest.approx(ref_low, abs=0.02) and high == pytest.approx(ref_high, abs=0.02)
+    assert low < values.mean() < high
+
+
+def test_targets_are_checked_from_the_rows():
+    from data_engine.targets import engine_summary, targets_table
+
+    def evaluation(m, lo, hi, rho=0.7):
+        return {"miou_1": m, "miou_1_ci": [lo, hi], "miou_5": m, "miou_5_ci": [lo, hi], "iou_head_spearman": rho}
+
+    rows = [
+        {"stage": "seed", "round": None, **evaluation(0.5, 0.45, 0.55)},
+        *[{"stage": "stage1", "round": r, "images": 10, "masks_per_image": m, "seconds_per_mask": s} for r, m, s in [(1, 2, 30), (2, 2.5, 26), (3, 3, 20), (4, 3.5, 18)]],
+        {"stage": "stage2", "round": 1, "images": 10, "masks_per_image": 4.0, "prefilled_per_image": 2.0, "prefilled_precision": 0.9},
+        {"stage": "stage2", "round": 2, "images": 10, "masks_per_image": 4.0, "prefilled_per_image": 1.0, "prefilled_precision": 0.6},
+        {"stage": "final", "round": None, **evaluation(0.65, 0.61, 0.69)},
+        {"stage": "control", "round": None, **evaluation(0.58, 0.54, 0.62)},
+    ]
+    quality = {"share_iou_above_75": 0.8, "share_iou_above_90": 0.5, "gt_recall_50": 0.7}
+    summary = engine_summary(rows, quality)
+    met = {name: check["met"] for name, check in summary["targets"].items()}
+    assert met["final_vs_seed"] and met["stage1_masks_rise"] and met["stage2_more_masks_than_stage1"]
+    assert met["stage3_quality"] and met["iou_head_spearman"]
+    assert not met["final_vs_control"]  # +0.07, but the intervals overlap (0.61 < 0.62)
+    assert summary["stage1"]["seconds_ratio"] == pytest.approx(19 / 28) and met["stage1_seconds_fall"]
+    # stage 2 pooled over rounds: 30 pre-filled on 20 images, 18 + 6 correct
+    assert summary["stage2"]["prefilled_per_image"] == 1.5 and summary["stage2"]["prefilled_precision"] == pytest.approx(0.8)
+    assert not met["stage2_prefill"]
+    assert summary["targets_met"] == 6 and "| **all** | 6 of 8 | no |" in targets_table(summary)
+
+
+def test_resuming_with_other_presentation_settings_is_not_a_changed_config(tmp_path):
+    RunLedger(tmp_path, {"a": 1, "progress": True, "threads": None})
+    RunLedger(tmp_path, {"a": 1, "progress": False, "threads": 2})  # accepted
+    with pytest.raises(ConfigChangedError):
+        RunLedger(tmp_path, {"a": 2, "progress": True, "threads": None})

@@ -367,3 +367,16 @@ def test_segany_eval_rejects_bad_generator_settings(eval_shards, tmp_path):
     with pytest.raises(SystemExit, match="points_per_batch"):
         shards = str(eval_shards / "*.tar")
         cli.main(["--model-type", "vit_t_256", "--shards", shards, "--points-per-batch", "0", "--out", str(tmp_path)])
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from segany_train.evaluation.interactive import spearman
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 6, 40).astype(np.float32)  # many ties
+    b = a + rng.normal(0, 2, 40).astype(np.float32)
+    assert spearman(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(spearmanr(a, b).statistic, abs=1e-9)
+    assert spearman(torch.ones(5), torch.arange(5.0)) is None  # a constant side has no ranking
+    assert spearman(torch.ones(1), torch.ones(1)) is None

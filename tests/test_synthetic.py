@@ -141,3 +141,28 @@ def test_command_line(tmp_path, capsys):
     assert "3 images in 2 shards" in capsys.readouterr().out
     assert read_manifest(tmp_path)["total_samples"] == 3
     assert json.loads((tmp_path / "synthetic.json").read_text())["size"] == 64
+
+
+def test_scene_settings_radii_and_style():
+    big = dict(size=SIZE, min_objects=2, max_objects=4, min_radius=0.1, max_radius=0.35)
+    small = dict(size=SIZE, min_objects=2, max_objects=4, min_radius=0.04, max_radius=0.06)
+    # the largest mask of each image: a whole object (medians over all masks mix in parts and occlusion)
+    largest = lambda scene: np.median([max(m.sum() for m in generate_image(i, **scene)[1]) for i in range(12)])  # noqa: E731
+    assert largest(big) > 8 * largest(small)
+    # tinted: one hue per image, so the three channels of every pixel keep nearly one ratio
+    image = generate_image(0, style="tinted", **big)[0].reshape(-1, 3).astype(float) + 1
+    textured = generate_image(0, **big)[0].reshape(-1, 3).astype(float) + 1
+    spread = lambda img: np.std(np.log(img[:, 0] / img[:, 1])) + np.std(np.log(img[:, 1] / img[:, 2]))  # noqa: E731
+    assert spread(image) < 0.5 * spread(textured)
+    for bad in (dict(style="neon"), dict(min_radius=0.3, max_radius=0.2), dict(min_radius=0.0)):
+        with pytest.raises(ValueError):
+            generate_image(0, size=SIZE, **bad)
+
+
+def test_a_corpus_records_only_settings_that_differ_from_the_defaults(tmp_path):
+    write_synthetic_corpus(tmp_path / "a", num_images=1, progress=False, **SMALL)
+    assert set(json.loads((tmp_path / "a" / "synthetic.json").read_text())) == {"seed", "images_per_shard", "size", "min_objects", "max_objects"}
+    write_synthetic_corpus(tmp_path / "b", num_images=1, progress=False, style="tinted", **SMALL)
+    assert json.loads((tmp_path / "b" / "synthetic.json").read_text())["style"] == "tinted"
+    with pytest.raises(ValueError, match="holds a synthetic corpus made with"):
+        write_synthetic_corpus(tmp_path / "b", num_images=1, progress=False, **SMALL)

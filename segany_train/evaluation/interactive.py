@@ -129,6 +129,7 @@ def evaluate_interactive(
     *,
     max_images: int | None = None,
     progress: bool = True,
+    per_mask: bool = False,
 ) -> dict:
     """Runs the protocol over every sample of the shards, each read once (in order when num_workers is 0).
 
@@ -156,7 +157,7 @@ def evaluate_interactive(
     rollout = cfg.rollout()
     SkipLog.take()  # forget skips of earlier readers in this process
     skipped: Counter = Counter()
-    shown, oracle = [], []
+    shown, oracle, predicted_1, mask_image = [], [], [], []
     images = masks_in_images = 0
     bar = tqdm(total=max_images, desc="interactive", unit="img", disable=not progress)
     for batch in loader if max_images is None or max_images > 0 else ():
@@ -172,6 +173,8 @@ def evaluate_interactive(
         ious = interactive_ious(sam, embeddings, gt, image_index, rollout, valid=valid, generator=generator)
         shown.append(torch.stack([ious[k].shown for k in range(1, cfg.max_clicks + 1)], dim=1).cpu())
         oracle.append(torch.stack([ious[k].oracle for k in range(1, cfg.max_clicks + 1)], dim=1).cpu())
+        predicted_1.append(ious[1].predicted.float().cpu())
+        mask_image.append(image_index.cpu() + images)
         n_images = batch["image"].shape[0]
         images += n_images
         masks_in_images += int(batch["num_annotations"].sum())
@@ -182,7 +185,9 @@ def evaluate_interactive(
     if cfg.num_workers == 0 and (max_images is None or images < max_images):
         skipped.update(SkipLog.take())  # skips after the last delivered sample
     empty = torch.zeros(0, cfg.max_clicks)
-    report = summarize_interactive(torch.cat(shown) if shown else empty, torch.cat(oracle) if oracle else empty)
+    shown_all = torch.cat(shown) if shown else empty
+    predicted_all = torch.cat(predicted_1) if predicted_1 else torch.zeros(0)
+    report = summarize_interactive(shown_all, torch.cat(oracle) if oracle else empty)
     report.update(
         images=images,
         images_skipped=dict(skipped),
@@ -190,5 +195,34 @@ def evaluate_interactive(
         masks_skipped=masks_in_images - report["masks"],
         iou_frame=[mask_size, mask_size],
         mask_feedback=cfg.mask_feedback,
+        iou_head_spearman=spearman(predicted_all, shown_all[:, 0]),
     )
+    if per_mask:
+        report["per_mask"] = {
+            "shown": shown_all.tolist(),
+            "predicted_1": predicted_all.tolist(),
+            "image": (torch.cat(mask_image) if mask_image else torch.zeros(0, dtype=torch.long)).tolist(),
+        }
     return report
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """N values -> their ranks 1..N as float64, tied values sharing the mean of their ranks."""
+    order = values.argsort(stable=True)
+    ranks = torch.empty(values.numel(), dtype=torch.float64)
+    ranks[order] = torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    _, groups = torch.unique(values, return_inverse=True)
+    sums = torch.zeros(int(groups.max()) + 1 if values.numel() else 0, dtype=torch.float64).index_add_(0, groups, ranks)
+    counts = torch.bincount(groups).double()
+    return (sums / counts)[groups]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation of two N-vectors (Pearson on average ranks); None when N < 2 or
+    either side is constant."""
+    if a.numel() < 2:
+        return None
+    ra, rb = _average_ranks(a.flatten().double()), _average_ranks(b.flatten().double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else None

@@ -152,6 +152,7 @@ class ClickIoU(NamedTuple):
 
     shown: torch.Tensor  # the output with the highest predicted IoU: what a user is shown
     oracle: torch.Tensor  # the best output; equals `shown` where the prompt gives a single output
+    predicted: torch.Tensor  # the IoU head's prediction for the shown output
 
 
 @torch.no_grad()
@@ -177,7 +178,8 @@ def interactive_ious(
         logits = out.logits if valid is None else out.logits.masked_fill(~valid[:, None], float("-inf"))
         per_output = mask_iou(logits, gt, sam.mask_threshold)  # N x 3
         best = out.iou_pred.argmax(dim=1)
-        ious[out.interactions] = ClickIoU(per_output.gather(1, best[:, None])[:, 0], per_output.amax(dim=1))
+        predicted = out.iou_pred.gather(1, best[:, None])[:, 0]
+        ious[out.interactions] = ClickIoU(per_output.gather(1, best[:, None])[:, 0], per_output.amax(dim=1), predicted)
 
     run_rollout(sam, embeddings, gt, image_index, cfg, on_iteration, generator, valid=valid)
     return ious
