@@ -22,7 +22,7 @@ from segany_train.data.sa1b import BadSample, decode_sample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 from segany_train.data.training_sample import SampleConfig, build_training_sample
 from segany_train.transforms import ResizeLongestSide
-from tests.shards import jpeg_bytes, make_image, record_for, write_shards
+from tests.shards import jpeg_bytes, make_image, record_for, write_release_tars, write_shards
 
 SMALL = SampleConfig(image_size=128, mask_size=32)
 
@@ -258,3 +258,30 @@ def test_datamodule_with_workers_counts_skips_and_sizes_epochs(tmp_path):
     assert all(b["masks"].shape[0] == b["image_index"].shape[0] == b["boxes"].shape[0] for b in train)
     with pytest.raises(ValueError, match="leaves loaders empty"):
         SA1BDataModule(train_shards=str(tmp_path / "sa_000000.tar"), sample=SMALL, num_workers=2, train_mode="split_repeat").setup("fit")
+
+
+def test_shards_without_a_manifest_are_counted_from_their_tar_index(tmp_path):
+    from segany_train.data.datamodule import count_samples
+
+    released = write_release_tars(tmp_path / "released", [4, 3])
+    listed = write_shards(tmp_path / "listed", num_images=5, per_shard=5)
+    assert count_samples([str(p) for p in released + listed]) == 12
+
+
+def test_released_tars_size_the_epoch_and_validation_uses_one_worker_per_shard_at_most(tmp_path):
+    from segany_train.data.datamodule import SA1BDataModule
+
+    write_release_tars(tmp_path / "train", [4, 4])
+    write_release_tars(tmp_path / "val", [2, 2], first_id=100)
+    dm = SA1BDataModule(
+        train_shards=str(tmp_path / "train" / "sa_{000000..000001}.tar"),
+        val_shards=str(tmp_path / "val" / "sa_{000000..000001}.tar"),
+        sample=SMALL,
+        batch_size=2,
+        num_workers=4,
+    )
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 4  # 8 samples: 2 per worker, one batch each
+    val = dm.val_dataloader()
+    assert val.num_workers == 2  # two shards for the one rank
+    assert sorted(k for b in val for k in b["keys"]) == [f"sa_{i}" for i in range(100, 104)]

@@ -16,6 +16,7 @@ from segany_train.train import CONFIG_DIR, _dataclass_from, build_logger, build_
 from segany_train.training.optim import OptimConfig
 from segany_train.training.rollout import RolloutConfig
 from tests.conftest import tiny_training_overrides
+from tests.shards import write_release_tars
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -91,6 +92,18 @@ def test_ddp_with_two_cpu_processes(corpus, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1" in output and "MEMBER: 2/2" in output
+    assert _last_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 3
+
+
+def test_the_paper_recipe_starts_on_tars_as_released(tmp_path):
+    # SA-1B as downloaded: no manifest, 2 validation shards for the recipe's 8 workers
+    write_release_tars(tmp_path / "sa1b", [3, 3, 2, 2], height=96, width=144)
+    command = [sys.executable, "-m", "segany_train.train", "experiment=sam_vit_b_sa1b", "model=vit_t_256", "trainer=cpu"]
+    command += ["trainer.max_steps=3", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    command += [f"data.train_shards='{tmp_path}/sa1b/sa_{{000000..000001}}.tar'"]
+    command += [f"data.val_shards='{tmp_path}/sa1b/sa_{{000002..000003}}.tar'"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert _last_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 3
 
 

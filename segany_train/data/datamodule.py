@@ -1,27 +1,45 @@
 """LightningDataModule over SA-1B-format shards, safe for multi-node training."""
 
 import math
+import os
+import tarfile
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from webdataset.tariterators import base_plus_ext
 
 from segany_train.data.pipeline import collate_training_samples, expand_shard_patterns, training_pipeline
 from segany_train.data.shard_writer import read_manifest
 from segany_train.data.training_sample import SampleConfig
 
 
+def count_tar_samples(path: str | Path) -> int:
+    """Samples in a local tar, from its member headers alone: tarfile seeks past each member's data,
+    so nothing is read or decoded beyond the index. Members group into samples by key, as webdataset
+    groups them."""
+    with tarfile.open(path, "r:") as tar:
+        return len({base_plus_ext(member.name)[0] for member in tar if member.isfile()} - {None})
+
+
 def count_samples(urls: list[str]) -> int | None:
-    """Samples in the shards according to their directories' manifests; None if any shard is not listed."""
+    """Samples in the shards: their directory's manifest entry, else (SA-1B as released has no
+    manifest) the tar index; None if a shard is neither listed nor a local file."""
     total = 0
+    manifests: dict[Path, dict] = {}
     for url in urls:
         path = Path(url)
-        entry = read_manifest(path.parent)["shards"].get(path.name)
-        if entry is None:
+        if path.parent not in manifests:
+            manifests[path.parent] = read_manifest(path.parent)["shards"] if os.path.isdir(path.parent) else {}
+        entry = manifests[path.parent].get(path.name)
+        if entry is not None:
+            total += entry["samples"]
+        elif path.is_file():
+            total += count_tar_samples(path)
+        else:
             return None
-        total += entry["samples"]
     return total
 
 
@@ -30,8 +48,8 @@ class SA1BDataModule(L.LightningDataModule):
 
     Training uses `train_mode` ("resampled" by default) with a fixed epoch length per rank, so every
     rank yields the same number of batches. The epoch length is `samples_per_epoch` (per rank) or, by
-    default, the manifest's sample count divided by the world size. Validation reads each shard once,
-    split over ranks and workers.
+    default, the shards' sample count (manifest, else tar index) divided by the world size. Validation
+    reads each shard once, split over ranks and over at most as many workers as a rank has shards.
     """
 
     def __init__(
@@ -67,34 +85,37 @@ class SA1BDataModule(L.LightningDataModule):
         self.train_urls = expand_shard_patterns(self.train_patterns)
         self.val_urls = expand_shard_patterns(self.val_patterns) if self.val_patterns else []
         world, workers = self._world_size(), max(1, self.num_workers)
-        for name, urls, mode in (("train", self.train_urls, self.train_mode), ("val", self.val_urls, "once")):
-            if urls and mode != "resampled" and len(urls) < world * workers:
-                raise ValueError(
-                    f"{name}: {len(urls)} shards for {world} ranks x {workers} workers leaves loaders empty; "
-                    "use fewer workers, more shards, or train_mode=resampled"
-                )
+        if self.train_mode != "resampled" and len(self.train_urls) < world * workers:
+            raise ValueError(
+                f"train: {len(self.train_urls)} shards for {world} ranks x {workers} workers leaves loaders empty; "
+                "use fewer workers, more shards, or train_mode=resampled"
+            )
+        if self.val_urls and len(self.val_urls) < world:
+            raise ValueError(f"val: {len(self.val_urls)} shards for {world} ranks leaves a rank without validation data")
+        # a worker without a shard yields nothing; split_by_node leaves the poorest rank len // world shards
+        self.val_workers = min(self.num_workers, len(self.val_urls) // world)
         per_rank = self.samples_per_epoch
         if per_rank is None:
             total = count_samples(self.train_urls)
             if total is None:
-                raise ValueError("train shards have no manifest entry: set samples_per_epoch (per rank)")
+                raise ValueError("train shards are neither in a manifest nor local tars: set samples_per_epoch (per rank)")
             per_rank = max(1, total // world)
         self.samples_per_worker = math.ceil(per_rank / workers)
 
-    def _loader(self, dataset, samples_per_worker: int | None) -> DataLoader:
+    def _loader(self, dataset, samples_per_worker: int | None, num_workers: int) -> DataLoader:
         if samples_per_worker is not None:
             # len() for progress bars: each worker batches its own samples
-            batches = max(1, self.num_workers) * math.ceil(samples_per_worker / self.batch_size)
+            batches = max(1, num_workers) * math.ceil(samples_per_worker / self.batch_size)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # with_epoch above fixes the count; with_length only reports it
                 dataset = dataset.with_length(batches * self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=num_workers,
             collate_fn=collate_training_samples,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-            persistent_workers=self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if num_workers > 0 else None,
+            persistent_workers=num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -106,7 +127,7 @@ class SA1BDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
         )
-        return self._loader(dataset, self.samples_per_worker)
+        return self._loader(dataset, self.samples_per_worker, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
@@ -119,4 +140,4 @@ class SA1BDataModule(L.LightningDataModule):
             max_area_fraction=self.sample.max_area_fraction,
             min_mask_pixels=self.sample.min_mask_pixels,
         )
-        return self._loader(training_pipeline(self.val_urls, plain, mode="once", seed=self.seed), None)
+        return self._loader(training_pipeline(self.val_urls, plain, mode="once", seed=self.seed), None, self.val_workers)
