@@ -22,7 +22,7 @@ from segany_train.data.sa1b import BadSample, decode_sample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 from segany_train.data.training_sample import SampleConfig, build_training_sample
 from segany_train.transforms import ResizeLongestSide
-from tests.shards import jpeg_bytes, make_image, record_for, write_release_tars, write_shards
+from tests.shards import jpeg_bytes, make_image, record_for, release_record, write_release_tars, write_shards
 
 SMALL = SampleConfig(image_size=128, mask_size=32)
 
@@ -55,9 +55,22 @@ def test_rle_decoding_at_target_size_equals_full_decode_then_nearest_resize():
         expected = _full_decode_then_nearest(rle, th, tw)
         rows, cols = nearest_indices(h, th), nearest_indices(w, tw)
         assert np.array_equal(decode_rle_at(rle, rows, cols), expected)
-        assert np.array_equal(decode_rle_at(rle, rows, cols, bbox=list(mask_utils.toBbox(coco))), expected)
         # run lengths agree with pycocotools' own area
         assert rle_counts(rle["counts"])[1::2].sum() == mask_utils.area(coco)
+
+
+@pytest.mark.parametrize("number", [int, float])
+def test_sa1b_bboxes_do_not_cut_off_the_last_row_and_column(number):
+    # SA-1B's bbox width and height are one less than the RLE's extent; the RLE is the truth
+    image, masks = make_image(3, height=48, width=64, num_masks=6)
+    record = release_record(3, image, masks)
+    for ann in record["annotations"]:
+        ann["bbox"] = [number(v) for v in ann["bbox"]]
+    cfg = SampleConfig(image_size=64, mask_size=64)  # the loss resolution is the image's: every pixel is sampled
+    sample = build_training_sample("sa_3", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
+    assert len(sample["annotation_ids"]) == len(masks)
+    for decoded, annotation_id in zip(sample["masks"].numpy(), sample["annotation_ids"].tolist()):
+        assert np.array_equal(decoded[:48], masks[annotation_id - 300]), annotation_id
 
 
 @pytest.mark.parametrize("counts,message", [("0 1", "alphabet"), ("`", "middle"), ("3", "cover")])

@@ -68,13 +68,40 @@ def nearest_indices(source: int, target: int) -> np.ndarray:
     return idx[0, 0].to(torch.int64).numpy()
 
 
-def decode_rles_at(
-    rles: list[dict], rows: np.ndarray, cols: np.ndarray, bboxes: list[list[float] | None] | None = None
-) -> np.ndarray:
+def _extents(runs: np.ndarray, offsets: np.ndarray, h: int) -> np.ndarray:
+    """K x 4 (first row, end row, first column, end column) holding each mask's foreground, from its
+    runs alone; an empty mask gets empty ranges.
+
+    The annotations' bbox is not used: SA-1B's is one pixel short of the RLE in width and height, and
+    a box is only metadata while the runs are the mask. A run that spans columns counts as every row,
+    a superset, which is all the lookups need.
+    """
+    k = len(offsets) - 1
+    extents = np.zeros((k, 4), np.int64)
+    mask_id = np.repeat(np.arange(k), np.diff(offsets))
+    local = np.arange(runs.size) - offsets[mask_id]
+    foreground = (local % 2 == 1) & (runs > 0)  # runs alternate background/foreground, background first
+    if not foreground.any():
+        return extents
+    end = _segment_cumsum(runs, mask_id)[foreground]  # one past each foreground run, in its mask
+    start, last, owner = end - runs[foreground], end - 1, mask_id[foreground]
+    c0, c1 = start // h, last // h
+    wraps = c0 != c1
+    r0, r1 = np.where(wraps, 0, start % h), np.where(wraps, h - 1, last % h)
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # owners are sorted: one group per mask
+    ids = owner[first]
+    extents[ids, 0] = np.minimum.reduceat(r0, first)
+    extents[ids, 1] = np.maximum.reduceat(r1, first) + 1
+    extents[ids, 2] = c0[first]
+    extents[ids, 3] = np.maximum.reduceat(c1, first) + 1
+    return extents
+
+
+def decode_rles_at(rles: list[dict], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """mask[rows][:, cols] of K RLEs {size: [h, w], counts: str} of one image: K x len(rows) x len(cols) bool.
 
-    `bboxes` (x, y, w, h per mask, as in the annotations) restrict the lookups to each mask's box;
-    pixels outside it are background by definition. ValueError names the first malformed RLE.
+    Lookups are restricted to each mask's extent, read from its runs. ValueError names the first
+    malformed RLE.
     """
     out = np.zeros((len(rles), len(rows), len(cols)), dtype=bool)
     if not rles:
@@ -91,13 +118,9 @@ def decode_rles_at(
         raise ValueError(f"mask {bad[0]}: RLE runs cover {int(per_mask[bad[0]])} pixels, the {h}x{w} mask has {h * w}")
     queries, targets, owners = [], [], []
     all_rows, all_cols = np.arange(len(rows)), np.arange(len(cols))
-    for k in range(len(rles)):
-        r_sel, c_sel = all_rows, all_cols
-        box = None if bboxes is None else bboxes[k]
-        if box is not None:
-            x0, y0, bw, bh = box
-            r_sel = all_rows[(rows >= np.floor(y0)) & (rows < np.ceil(y0 + bh))]
-            c_sel = all_cols[(cols >= np.floor(x0)) & (cols < np.ceil(x0 + bw))]
+    for k, (r0, r1, c0, c1) in enumerate(_extents(runs, offsets, h)):
+        r_sel = all_rows[(rows >= r0) & (rows < r1)]
+        c_sel = all_cols[(cols >= c0) & (cols < c1)]
         if r_sel.size == 0 or c_sel.size == 0:
             continue
         # column-major flat pixel index, offset by k*H*W to land in mask k's runs
@@ -111,6 +134,6 @@ def decode_rles_at(
     return out
 
 
-def decode_rle_at(rle: dict, rows: np.ndarray, cols: np.ndarray, bbox: list[float] | None = None) -> np.ndarray:
+def decode_rle_at(rle: dict, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """mask[rows][:, cols] of one RLE, as a len(rows) x len(cols) bool array."""
-    return decode_rles_at([rle], rows, cols, [bbox])[0]
+    return decode_rles_at([rle], rows, cols)[0]

@@ -73,9 +73,7 @@ def _masks(anns: list[dict[str, Any]], record: dict[str, Any], win: _Window, cfg
         cols = cols[::-1]
     out = np.zeros((len(anns), cfg.mask_size, cfg.mask_size), dtype=bool)
     try:
-        out[:, : len(rows), : len(cols)] = decode_rles_at(
-            [a["segmentation"] for a in anns], rows, cols, [a.get("bbox") for a in anns]
-        )
+        out[:, : len(rows), : len(cols)] = decode_rles_at([a["segmentation"] for a in anns], rows, cols)
     except (ValueError, KeyError, TypeError) as error:
         raise BadSample(f"malformed RLE ({error})") from None
     return out
