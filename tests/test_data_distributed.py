@@ -1,4 +1,5 @@
-"""Two real processes (gloo): disjoint shards per rank and equal batch counts (unequal ones hang DDP)."""
+"""Two real processes (gloo): disjoint shards per rank, equal batch counts (unequal ones hang DDP) and
+each rank its own random draws. RANK is not set: neither Lightning's launcher nor srun sets it."""
 
 import json
 import os
@@ -11,10 +12,10 @@ from segany_train.data.training_sample import SampleConfig
 from tests.shards import write_shards
 
 SMALL = SampleConfig(image_size=128, mask_size=32)
+AUGMENTED = SampleConfig(image_size=128, mask_size=32, max_masks=2, large_scale_jitter=True, horizontal_flip=True)
 
 
 def _rank_main(rank: int, world: int, shard_dir: str, out_dir: str, init_file: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         result = {}
@@ -30,6 +31,12 @@ def _rank_main(rank: int, world: int, shard_dir: str, out_dir: str, init_file: s
             batches = list(dm.train_dataloader())
             result[mode] = {"batches": len(batches), "len": len(dm.train_dataloader()), "keys": [k for b in batches for k in b["keys"]]}
         result["val_keys"] = [k for b in dm.val_dataloader() for k in b["keys"]]
+        # one shard: both ranks read the same images, so only the random draws can tell them apart
+        one = SA1BDataModule(
+            train_shards=f"{shard_dir}/sa_000000.tar", sample=AUGMENTED, samples_per_epoch=6, shuffle_buffer=0
+        )
+        one.setup("fit")
+        result["draws"] = [[b["keys"][0], b["annotation_ids"].tolist(), int(b["image"].sum())] for b in one.train_dataloader()]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -51,3 +58,5 @@ def test_two_ranks_get_disjoint_shards_and_equal_batch_counts(tmp_path):
     # validation reads every image exactly once across the ranks
     assert sorted(r0["val_keys"] + r1["val_keys"]) == sorted(f"sa_{i}" for i in range(15))
     assert not set(r0["val_keys"]) & set(r1["val_keys"])
+    # masks chosen, jitter and flip differ between the ranks
+    assert len(r0["draws"]) == len(r1["draws"]) == 6 and r0["draws"] != r1["draws"]

@@ -73,18 +73,19 @@ class SA1BDataModule(L.LightningDataModule):
         self.train_mode, self.samples_per_epoch = train_mode, samples_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
 
-    def _world_size(self) -> int:
+    def _placement(self) -> tuple[int, int]:
+        """(global rank, world size): the trainer's, else the initialised process group's, else (0, 1)."""
         if self.trainer is not None:
-            return self.trainer.world_size
+            return self.trainer.global_rank, self.trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size()
-        return 1
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
 
     def setup(self, stage: str | None = None) -> None:
         # Resolve shard lists here so a bad pattern fails before training starts.
         self.train_urls = expand_shard_patterns(self.train_patterns)
         self.val_urls = expand_shard_patterns(self.val_patterns) if self.val_patterns else []
-        world, workers = self._world_size(), max(1, self.num_workers)
+        world, workers = self._placement()[1], max(1, self.num_workers)
         if self.train_mode != "resampled" and len(self.train_urls) < world * workers:
             raise ValueError(
                 f"train: {len(self.train_urls)} shards for {world} ranks x {workers} workers leaves loaders empty; "
@@ -126,6 +127,7 @@ class SA1BDataModule(L.LightningDataModule):
             samples_per_worker=self.samples_per_worker,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
+            rank=self._placement()[0],
         )
         return self._loader(dataset, self.samples_per_worker, self.num_workers)
 

@@ -72,12 +72,11 @@ def _tar_error_handler(error: Exception) -> bool:
     return True
 
 
-def _decode_stage(cfg: SampleConfig, seed: int):
+def _decode_stage(cfg: SampleConfig, seed: int, rank: int):
     passes = itertools.count()  # a new random stream on each pass (epoch) over the data
 
     def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        rank = int(os.environ.get("RANK", 0))
         rng = np.random.default_rng([seed, rank, 0 if info is None else info.id, next(passes)])
         for raw in samples:
             where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
@@ -114,8 +113,13 @@ def training_pipeline(
     samples_per_worker: int | None = None,
     shuffle_buffer: int = 0,
     seed: int = 0,
+    rank: int = 0,
 ) -> wds.DataPipeline:
     """An IterableDataset of training samples.
+
+    `rank`: this process's global rank, which the random draws (masks chosen, jitter, flip) depend on
+    with the DataLoader worker; pass the trainer's (`SA1BDataModule` does), since `RANK` is set by
+    neither Lightning's launcher nor srun.
 
     mode "resampled": each rank and worker draws shards at random (seeded by rank and worker), so no
     loader runs dry; "split_repeat": disjoint shards per rank and worker, cycled; "once": disjoint
@@ -128,7 +132,7 @@ def training_pipeline(
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=_tar_error_handler), _decode_stage(cfg, seed)]
+    stages += [wds.tarfile_to_samples(handler=_tar_error_handler), _decode_stage(cfg, seed, rank)]
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
     pipeline = wds.DataPipeline(*stages)
