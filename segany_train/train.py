@@ -54,8 +54,10 @@ def build_model(model_cfg: DictConfig) -> Sam:
     return sam
 
 
-def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
-    """The DataModule; the synthetic corpus is generated first when the config names one."""
+def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
+    """The DataModule of `cfg.data`, its random draws seeded by the run's `cfg.seed`; the synthetic
+    corpus is generated first when the config names one."""
+    data_cfg = cfg.data
     if data_cfg.get("synthetic"):
         write_configured_corpus(data_cfg.synthetic)
     image_size = data_cfg.image_size or sam.image_encoder.img_size
@@ -79,6 +81,7 @@ def build_datamodule(data_cfg: DictConfig, sam: Sam) -> SA1BDataModule:
         train_mode=data_cfg.train_mode,
         samples_per_epoch=data_cfg.samples_per_epoch,
         shuffle_buffer=data_cfg.shuffle_buffer,
+        seed=cfg.seed,
     )
 
 
@@ -139,7 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seed=cfg.seed,
         overlay_every_n_steps=cfg.logger.log_images_every_n_steps,
     )
-    datamodule = build_datamodule(cfg.data, sam)
+    datamodule = build_datamodule(cfg, sam)
     checkpoint_dir = run_dir / "checkpoints"
     fast = bool(cfg.trainer.fast_dev_run)
     callbacks = [] if fast else [

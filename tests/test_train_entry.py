@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.train import CONFIG_DIR, _dataclass_from, build_logger, build_model, train
+from segany_train.train import CONFIG_DIR, _dataclass_from, build_datamodule, build_logger, build_model, train
 from segany_train.training.optim import OptimConfig
 from segany_train.training.rollout import RolloutConfig
 from tests.conftest import tiny_training_overrides
@@ -50,6 +50,13 @@ def test_every_experiment_composes_into_valid_settings(experiment, tmp_path):
         with torch.device("meta"):
             sam = build_model(cfg.model)
         assert sam.config.encoder_drop_path_rate == cfg.model.drop_path
+
+
+def test_the_run_seed_reaches_the_data_stream(corpus, tmp_path):
+    cfg = _compose(_shrunk(corpus, tmp_path) + ["seed=7", f"run_dir={tmp_path}"])
+    with torch.device("meta"):
+        sam = build_model(cfg.model)
+    assert build_datamodule(cfg, sam).seed == 7
 
 
 def test_fast_dev_run(corpus, tmp_path):

@@ -120,6 +120,7 @@ class SA1BDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        rank, world = self._placement()
         dataset = training_pipeline(
             self.train_urls,
             self.sample,
@@ -127,7 +128,10 @@ class SA1BDataModule(L.LightningDataModule):
             samples_per_worker=self.samples_per_worker,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
-            rank=self._placement()[0],
+            rank=rank,
+            world_size=world,
+            # a resumed or requeued run continues with new samples instead of replaying its first ones
+            start_step=self.trainer.global_step if self.trainer is not None else 0,
         )
         return self._loader(dataset, self.samples_per_worker, self.num_workers)
 
@@ -142,4 +146,6 @@ class SA1BDataModule(L.LightningDataModule):
             max_area_fraction=self.sample.max_area_fraction,
             min_mask_pixels=self.sample.min_mask_pixels,
         )
-        return self._loader(training_pipeline(self.val_urls, plain, mode="once", seed=self.seed), None, self.val_workers)
+        rank, world = self._placement()
+        dataset = training_pipeline(self.val_urls, plain, mode="once", seed=self.seed, rank=rank, world_size=world)
+        return self._loader(dataset, None, self.val_workers)

@@ -2,6 +2,7 @@
 
 Stages: shard list (resampled, or split by node and worker) -> tar members -> samples -> decoded
 training samples (bad ones skipped and counted) -> optional shuffle buffer -> fixed-length epoch.
+Every random draw is seeded as `seeded_stream` describes.
 """
 
 import glob
@@ -13,11 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
 
 from segany_train.data.sa1b import BadSample, decode_sample
+from segany_train.data.seeded_stream import SAMPLES, StreamSeed, seeded_shuffle, shard_source
 from segany_train.data.training_sample import SampleConfig, build_training_sample
 
 SHARD_MODES = ("resampled", "split_repeat", "once")
@@ -72,12 +73,11 @@ def _tar_error_handler(error: Exception) -> bool:
     return True
 
 
-def _decode_stage(cfg: SampleConfig, seed: int, rank: int):
+def _decode_stage(cfg: SampleConfig, stream: StreamSeed):
     passes = itertools.count()  # a new random stream on each pass (epoch) over the data
 
     def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([seed, rank, 0 if info is None else info.id, next(passes)])
+        rng = stream.generator(SAMPLES, next(passes))
         for raw in samples:
             where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
             try:
@@ -114,27 +114,27 @@ def training_pipeline(
     shuffle_buffer: int = 0,
     seed: int = 0,
     rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
 ) -> wds.DataPipeline:
     """An IterableDataset of training samples.
 
-    `rank`: this process's global rank, which the random draws (masks chosen, jitter, flip) depend on
-    with the DataLoader worker; pass the trainer's (`SA1BDataModule` does), since `RANK` is set by
-    neither Lightning's launcher nor srun.
+    mode "resampled": each rank and worker draws shards at random, so no loader runs dry;
+    "split_repeat": disjoint shards per rank and worker, cycled in a new order each pass; "once":
+    disjoint shards, each read once (evaluation). With `samples_per_worker`, every worker yields
+    exactly that many samples, so all ranks see the same number of batches (unequal counts hang DDP).
 
-    mode "resampled": each rank and worker draws shards at random (seeded by rank and worker), so no
-    loader runs dry; "split_repeat": disjoint shards per rank and worker, cycled; "once": disjoint
-    shards, each read once (evaluation). With `samples_per_worker`, every worker yields exactly that
-    many samples, so all ranks see the same number of batches (unequal counts hang DDP).
+    Every draw (shards, order, shuffle, masks chosen, augmentation) is a function of `seed`, `rank`
+    (this process's global rank: pass the trainer's, as `SA1BDataModule` does), the DataLoader worker,
+    `start_step` (the step training starts or resumes at, so a resumed run draws new samples) and the
+    pass. `world_size` and `rank` also split the shards in the split modes.
     """
     if mode not in SHARD_MODES:
         raise ValueError(f"mode must be one of {SHARD_MODES}, got {mode!r}")
-    if mode == "resampled":
-        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages += [wds.tarfile_to_samples(handler=_tar_error_handler), _decode_stage(cfg, seed, rank)]
+    stream = StreamSeed(seed=seed, rank=rank, world_size=world_size, start_step=start_step)
+    stages = [shard_source(urls, mode, stream), wds.tarfile_to_samples(handler=_tar_error_handler), _decode_stage(cfg, stream)]
     if shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        stages.append(seeded_shuffle(shuffle_buffer, stream))
     pipeline = wds.DataPipeline(*stages)
     if mode == "split_repeat":
         pipeline = pipeline.repeat()
