@@ -13,7 +13,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from segany_train.data.datamodule import SA1BDataModule
-from segany_train.data.synthetic import write_configured_corpus
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam, build_sam_by_name
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
@@ -55,11 +54,9 @@ def build_model(model_cfg: DictConfig) -> Sam:
 
 
 def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
-    """The DataModule of `cfg.data`, its random draws seeded by the run's `cfg.seed`; the synthetic
-    corpus is generated first when the config names one."""
+    """The DataModule of `cfg.data`, its random draws seeded by the run's `cfg.seed`; a synthetic
+    corpus the config names is written in its `prepare_data` (one process, not every rank)."""
     data_cfg = cfg.data
-    if data_cfg.get("synthetic"):
-        write_configured_corpus(data_cfg.synthetic)
     image_size = data_cfg.image_size or sam.image_encoder.img_size
     sample = SampleConfig(
         image_size=image_size,
@@ -82,6 +79,7 @@ def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
         samples_per_epoch=data_cfg.samples_per_epoch,
         shuffle_buffer=data_cfg.shuffle_buffer,
         seed=cfg.seed,
+        synthetic=OmegaConf.to_container(data_cfg.synthetic, resolve=True) if data_cfg.get("synthetic") else None,
     )
 
 

@@ -59,6 +59,16 @@ def test_the_run_seed_reaches_the_data_stream(corpus, tmp_path):
     assert build_datamodule(cfg, sam).seed == 7
 
 
+def test_the_synthetic_corpus_is_written_in_prepare_data_not_by_every_rank(tmp_path):
+    cfg = _compose(_shrunk(tmp_path / "corpus", tmp_path) + [f"run_dir={tmp_path}"])
+    with torch.device("meta"):
+        datamodule = build_datamodule(cfg, build_model(cfg.model))
+    assert not (tmp_path / "corpus").exists()  # building the DataModule happens in every rank
+    datamodule.prepare_data()  # Lightning calls it in one process per node, then a barrier
+    datamodule.setup("fit")
+    assert len(datamodule.train_urls) == 6 and len(datamodule.val_urls) == 2
+
+
 def test_fast_dev_run(corpus, tmp_path):
     cfg = _compose(_shrunk(corpus, tmp_path) + ["debug=fast", f"run_dir={tmp_path}"])
     metrics = train(cfg)
@@ -90,8 +100,9 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_command(corpus, tmp_pat
     assert _last_step(last) == 12
 
 
-def test_ddp_with_two_cpu_processes(corpus, tmp_path):
-    command = [sys.executable, "-m", "segany_train.train", *_shrunk(corpus, tmp_path)]
+def test_ddp_with_two_cpu_processes(tmp_path):
+    # a corpus not written yet: rank 0 writes it in prepare_data while rank 1 waits at the barrier
+    command = [sys.executable, "-m", "segany_train.train", *_shrunk(tmp_path / "corpus", tmp_path)]
     command += ["trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks.checkpoint_every_n_steps=3"]
     command += [f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 1000)}

@@ -4,7 +4,9 @@ import math
 import os
 import tarfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,6 +15,7 @@ from webdataset.tariterators import base_plus_ext
 
 from segany_train.data.pipeline import collate_training_samples, expand_shard_patterns, training_pipeline
 from segany_train.data.shard_writer import read_manifest
+from segany_train.data.synthetic import write_configured_corpus
 from segany_train.data.training_sample import SampleConfig
 
 
@@ -50,6 +53,9 @@ class SA1BDataModule(L.LightningDataModule):
     rank yields the same number of batches. The epoch length is `samples_per_epoch` (per rank) or, by
     default, the shards' sample count (manifest, else tar index) divided by the world size. Validation
     reads each shard once, split over ranks and over at most as many workers as a rank has shards.
+
+    `synthetic` (a config's `synthetic` section) names a synthetic corpus that `prepare_data` writes
+    (resumably) before any rank reads it: Lightning calls that in one process per node, then a barrier.
     """
 
     def __init__(
@@ -65,8 +71,10 @@ class SA1BDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 100,
         seed: int = 0,
+        synthetic: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.synthetic = synthetic
         self.train_patterns, self.val_patterns = train_shards, val_shards
         self.sample = sample
         self.batch_size, self.num_workers, self.prefetch_factor = batch_size, num_workers, prefetch_factor
@@ -80,6 +88,10 @@ class SA1BDataModule(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            write_configured_corpus(self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         # Resolve shard lists here so a bad pattern fails before training starts.
