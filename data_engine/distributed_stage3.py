@@ -19,7 +19,6 @@ multi-GPU jobs all split the same way; `task_id` and `num_tasks` override it.
 
 import json
 import os
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -100,10 +99,8 @@ def claim_inputs(out_dir: str | Path, input_shards: list[str]) -> None:
                 f"got {len(input_shards)} (first {input_shards[:1]}): use another out_dir"
             )
         return
-    # tasks start together and may all write it: a tmp name of their own, one identical content
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(input_shards))
-    os.replace(tmp, path)
+    # tasks start together and may all write it: one identical content, each through its own tmp name
+    write_json_atomically(path, input_shards)
 
 
 def run_task(

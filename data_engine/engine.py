@@ -34,6 +34,7 @@ from data_engine.retraining import compose_training_config, retrain
 from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.data.directory_lock import lock_directory
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
 from segany_train.model import Sam, build_sam_from_checkpoint
@@ -272,25 +273,26 @@ def prepare_corpus(cfg: DictConfig) -> None:
 
 
 def run_engine(cfg: DictConfig) -> Path:
-    """The whole cycle (or `only=stage3`); returns the report's path."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    prepare_corpus(cfg)
-    engine = Engine(cfg)
-    if cfg.only == "stage3":
-        if not cfg.checkpoint:
-            raise ValueError("only=stage3 needs checkpoint=<a segany-train .ckpt or official .pth>")
-        split = CorpusSplit(seed=[], chunks=[expand_shard_patterns(cfg.corpus.shards)], holdout=[])
-        # a team's own images: the masks are the product; no held-out set to retrain against
-        quality, overlays = engine.automatic_stage(str(Path(cfg.checkpoint).resolve()), split, manual=[], retrain_after=False)
-        return write_report(engine.run_dir, engine.rows, quality, overlays, [f"stage 3 alone with {cfg.checkpoint}"])
-    if cfg.only:
-        raise ValueError(f"only must be null or stage3, got {cfg.only!r}")
-    rounds = cfg.stage1.rounds + cfg.stage2.rounds
-    split = split_corpus(cfg.corpus.shards, seed=cfg.seed_model.shards, holdout_shards=cfg.corpus.holdout_shards, rounds=rounds)
-    return engine.run(split)
+    """The whole cycle (or `only=stage3`); returns the report's path. One process per run directory."""
+    with lock_directory(cfg.run_dir):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        prepare_corpus(cfg)
+        engine = Engine(cfg)
+        if cfg.only == "stage3":
+            if not cfg.checkpoint:
+                raise ValueError("only=stage3 needs checkpoint=<a segany-train .ckpt or official .pth>")
+            split = CorpusSplit(seed=[], chunks=[expand_shard_patterns(cfg.corpus.shards)], holdout=[])
+            # a team's own images: the masks are the product; no held-out set to retrain against
+            quality, overlays = engine.automatic_stage(str(Path(cfg.checkpoint).resolve()), split, manual=[], retrain_after=False)
+            return write_report(engine.run_dir, engine.rows, quality, overlays, [f"stage 3 alone with {cfg.checkpoint}"])
+        if cfg.only:
+            raise ValueError(f"only must be null or stage3, got {cfg.only!r}")
+        rounds = cfg.stage1.rounds + cfg.stage2.rounds
+        split = split_corpus(cfg.corpus.shards, seed=cfg.seed_model.shards, holdout_shards=cfg.corpus.holdout_shards, rounds=rounds)
+        return engine.run(split)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="engine/cycle")

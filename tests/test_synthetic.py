@@ -125,7 +125,7 @@ def test_rerun_resumes_without_rewriting(tmp_path):
     assert [p.name for p in more] == ["sa_000000.tar", "sa_000001.tar", "sa_000002.tar"]
     assert more[0].stat().st_mtime_ns == mtimes[0]
     assert read_manifest(tmp_path)["total_samples"] == 10
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", *(p.name for p in more), "synthetic.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "manifest.json", *(p.name for p in more), "synthetic.json"]
     fresh = write_synthetic_corpus(tmp_path / "fresh", num_images=10, images_per_shard=4, progress=False, **SMALL)
     assert json_bytes(more) == json_bytes(fresh)
 

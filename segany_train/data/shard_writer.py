@@ -1,12 +1,20 @@
-"""Writing SA-1B-format shards atomically, with a manifest of per-shard sample counts."""
+"""Writing SA-1B-format shards atomically, with a manifest of per-shard sample counts.
+
+Crash safety: every file is written under a temporary name, flushed to disk (fsync) and only then
+renamed into place, and the rename itself is made durable by syncing the directory, so after a crash
+a final name holds either the old or the new complete content. Concurrency: temporary names are
+unique per writer, and manifest updates (read, modify, write) hold a lock.
+"""
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
+from segany_train.data.directory_lock import directory_mutex
 from segany_train.data.sa1b import SHARD_SUFFIX, encode_sample
 
 MANIFEST_NAME = "manifest.json"
@@ -20,11 +28,30 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _sync_directory(directory: Path) -> None:
+    """Makes the renames in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomically(path: Path, value: Any) -> None:
-    """Writes `value` as JSON to `path` through a temporary file and a rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Writes `value` as JSON to `path` through a temporary file of its own, synced, then renamed:
+    never half a file, even after a crash or beside another writer of the same path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as stream:
+            stream.write(json.dumps(value, indent=1, sort_keys=True))
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
 
 
 def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:
@@ -34,10 +61,12 @@ def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> 
 
 
 def record_shard(directory: str | Path, shard_name: str, samples: int, masks: int) -> None:
-    """Adds (or replaces) one shard's entry in the directory's manifest, atomically."""
-    shards = read_manifest(directory)["shards"]
-    shards[shard_name] = {"samples": samples, "masks": masks}
-    write_manifest(directory, shards)
+    """Adds (or replaces) one shard's entry in the directory's manifest, atomically, under a lock, so
+    that writers side by side lose no entry."""
+    with directory_mutex(directory):
+        shards = read_manifest(directory)["shards"]
+        shards[shard_name] = {"samples": samples, "masks": masks}
+        write_manifest(directory, shards)
 
 
 class SA1BShardWriter:
@@ -81,9 +110,12 @@ class SA1BShardWriter:
         if self._tar is None:
             return
         self._tar.close()
+        self._stream.flush()
+        os.fsync(self._stream.fileno())  # the data on disk before the name says the shard is complete
         self._stream.close()
         final = self.directory / self._shard_name()
         os.replace(self._tmp, final)
+        _sync_directory(self.directory)
         if self.record_manifest:
             record_shard(self.directory, final.name, self._count, self._masks)
         self.written.append(final)

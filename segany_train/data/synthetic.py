@@ -38,8 +38,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from segany_train.data.directory_lock import lock_directory
 from segany_train.data.sa1b import SHARD_SUFFIX, annotation_from_rle, make_record, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
 MIN_VISIBLE_AREA = 20  # pixels; smaller visible masks are dropped
 JPEG_QUALITY = 90
@@ -301,7 +302,7 @@ def _claim_directory(directory: Path, settings: dict[str, Any]) -> None:
         raise ValueError(f"{directory} already holds shards that are not a synthetic corpus")
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, sort_keys=True))
+        write_json_atomically(path, settings)
 
 
 def write_synthetic_corpus(
@@ -318,11 +319,18 @@ def write_synthetic_corpus(
     scene: `SceneSettings` fields (size, min_objects, max_objects, min_radius, max_radius, style).
     A shard already in the directory's manifest with its full sample count is kept as it is, so an
     interrupted run resumes where it stopped, and a larger `num_images` extends a smaller corpus.
+    A second process writing the same directory waits for the first, then finds its shards done.
     """
     settings = SceneSettings(**scene)
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be positive, got {images_per_shard}")
-    directory = Path(directory)
+    with lock_directory(directory, wait=True):
+        return _write_corpus(Path(directory), num_images, seed, images_per_shard, settings, progress)
+
+
+def _write_corpus(
+    directory: Path, num_images: int, seed: int, images_per_shard: int, settings: SceneSettings, progress: bool
+) -> list[Path]:
     # shard boundaries depend on images_per_shard, so it is part of what a resumed run must match
     _claim_directory(directory, dict(seed=seed, images_per_shard=images_per_shard, **settings.recorded()))
     done = read_manifest(directory)["shards"]
