@@ -3,6 +3,7 @@
 Each input shard becomes one output shard of the annotated masks plus a statistics file. Both are
 written completely before the shard is entered in the directory's manifest, which is what marks it
 done: a run killed midway redoes only the shard it was in, never duplicating or losing an image.
+A shard is streamed image by image, and masks are compared with the GT as RLEs.
 """
 
 import json
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from data_engine.annotator import Annotator, ImageAnnotation
 from data_engine.corpus import LabelledImage, read_labelled_images
+from data_engine.rle_iou import encode_masks, rle_iou_matrix
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
@@ -46,23 +48,23 @@ class ImageStats:
 
 
 def best_iou_to_gt(mask: np.ndarray, gt_masks: list[np.ndarray]) -> float:
+    """The IoU of an HxW bool mask with the GT mask it overlaps best (0.0 without GT)."""
     if not gt_masks:
         return 0.0
-    gt = np.stack(gt_masks).reshape(len(gt_masks), -1)
-    m = mask.reshape(-1)
-    inter = (gt & m).sum(1)
-    union = (gt | m).sum(1)
-    return float((inter / np.maximum(union, 1)).max())
+    return float(rle_iou_matrix(encode_masks([mask]), encode_masks(gt_masks)).max())
 
 
 def _image_stats(item: LabelledImage, prefilled: list[np.ndarray], result: ImageAnnotation) -> ImageStats:
+    # the record holds the GT as RLEs already: only the pre-filled masks are encoded
+    gt_rles = [ann["segmentation"] for ann in item.record["annotations"]]
+    prefilled_ious = rle_iou_matrix(encode_masks(prefilled), gt_rles)
     return ImageStats(
         key=item.key,
         masks=result.num_accepted_prefilled + len(result.masks),
         new_masks=len(result.masks),
         prefilled=len(prefilled),
         prefilled_accepted=result.num_accepted_prefilled,
-        prefilled_correct=sum(best_iou_to_gt(m, item.gt_masks) > 0.75 for m in prefilled),
+        prefilled_correct=int((prefilled_ious.max(axis=1) > 0.75).sum()) if gt_rles else 0,
         gt_objects=len(item.gt_masks),
         seconds=result.seconds,
         clicks=sum(r.num_clicks for r in result.records),
@@ -117,7 +119,7 @@ def annotate_shards(
                 continue
         shard_images: list[dict[str, Any]] = []
         with SA1BShardWriter(out_dir, prefix="annotated-", start_index=index, max_samples_per_shard=2**31) as writer:
-            for item in tqdm(list(read_labelled_images([url])), desc=f"{description} {Path(url).name}", disable=not progress):
+            for item in tqdm(read_labelled_images([url]), desc=f"{description} {Path(url).name}", disable=not progress):
                 shown = prefill(item.image) if prefill is not None else []
                 result = annotator_for(item).annotate(item.image, shown)
                 kept = [shown[i] for i in result.accepted_prefilled] + result.masks

@@ -35,6 +35,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from data_engine.rle_iou import encode_masks, rle_iou_matrix
 from segany_train.model.sam import Sam
 from segany_train.predictor import SamPredictor
 from segany_train.prompting import center_correction_clicks
@@ -305,11 +306,8 @@ class SimulatedAnnotator:
         """
         if not prefilled or not self.gt_masks:
             return [], set()
-        p = np.stack(prefilled).reshape(len(prefilled), -1).astype(np.float32)
-        g = np.stack(self.gt_masks).reshape(len(self.gt_masks), -1).astype(np.float32)
-        intersection = p @ g.T
-        union = p.sum(1)[:, None] + g.sum(1)[None, :] - intersection
-        iou = np.divide(intersection, union, out=np.zeros_like(union), where=union > 0)
+        # as RLEs: full-resolution matrices of every pre-filled and GT mask would not fit an SA-1B image
+        iou = rle_iou_matrix(encode_masks(prefilled), encode_masks(self.gt_masks))
         accepted: set[int] = set()
         done: set[int] = set()
         for flat in np.argsort(-iou, axis=None, kind="stable"):

@@ -5,6 +5,10 @@ stats file, written last, marks the shard done), so the stage resumes per shard 
 be processed by independent jobs (`data_engine/distributed_stage3.py`). The quality check compares
 every automatic mask with the pool's GT (seen here only to measure, as the paper's professional
 annotators did on a sample).
+
+A shard is streamed image by image (a decoded SA-1B image is 10 MB, its masks at full resolution
+hundreds), and masks are compared as RLEs: the GT as the record holds it, the automatic masks as they
+are written, so no GT mask is ever decoded.
 """
 
 import json
@@ -14,30 +18,23 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_engine.corpus import read_labelled_images
+from data_engine.rle_iou import rle_iou_matrix
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
+from segany_train.data.pipeline import SkipLog, read_records
+from segany_train.data.rle import parse_rles
+from segany_train.data.sa1b import BadSample
 from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
+from segany_train.evaluation.automatic import decode_record_image
 
 
-def iou_matrix(masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> np.ndarray:
-    """MxG IoU between two lists of HxW bool masks (one matrix product, no per-pair loop)."""
-    if not masks or not gt_masks:
-        return np.zeros((len(masks), len(gt_masks)))
-    a = np.stack(masks).reshape(len(masks), -1).astype(np.float32)
-    b = np.stack(gt_masks).reshape(len(gt_masks), -1).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return inter / np.maximum(union, 1)
-
-
-def _image_quality(masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> dict[str, Any]:
-    ious = iou_matrix(masks, gt_masks)
+def _image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> dict[str, Any]:
+    ious = rle_iou_matrix(rles, gt_rles)
     return {
-        "masks": len(masks),
-        "gt_objects": len(gt_masks),
-        "best_iou": ious.max(axis=1).tolist() if gt_masks else [0.0] * len(masks),  # per automatic mask
-        "gt_recalled_50": int((ious.max(axis=0) > 0.5).sum()) if masks else 0,
-        "gt_recalled_75": int((ious.max(axis=0) > 0.75).sum()) if masks else 0,
+        "masks": len(rles),
+        "gt_objects": len(gt_rles),
+        "best_iou": ious.max(axis=1).tolist() if gt_rles else [0.0] * len(rles),  # per automatic mask
+        "gt_recalled_50": int((ious.max(axis=0) > 0.5).sum()) if rles else 0,
+        "gt_recalled_75": int((ious.max(axis=0) > 0.75).sum()) if rles else 0,
     }
 
 
@@ -86,17 +83,27 @@ def generate_one_shard(
     with SA1BShardWriter(
         out_dir, prefix="automatic-", start_index=index, max_samples_per_shard=2**31, record_manifest=record_manifest
     ) as writer:
-        for item in tqdm(list(read_labelled_images([url])), desc=f"automatic {Path(url).name}", disable=not progress):
-            records = generator.generate(item.image)
-            masks = [r["segmentation"] for r in records]
-            quality = _image_quality(masks, item.gt_masks)
-            shard_images.append({"key": item.key, **quality})
-            if records:
-                info = item.record["image"]
-                record = sa1b_record_from_masks(
-                    info["image_id"], info["width"], info["height"], info.get("file_name", f"{item.key}.jpg"), records
-                )
-                writer.write(item.key, item.jpeg, record)
+        for key, jpeg, pool_record in tqdm(read_records([url]), desc=f"automatic {Path(url).name}", disable=not progress):
+            gt_rles = [ann["segmentation"] for ann in pool_record["annotations"]]
+            try:
+                if gt_rles:
+                    parse_rles(gt_rles)  # a malformed GT RLE makes the image unusable, as a bad JPEG does
+                image = decode_record_image(jpeg, pool_record)
+            except (BadSample, ValueError) as error:
+                SkipLog.record("bad_sample", key, str(error))
+                continue
+            records = generator.generate(image)
+            # dropped here rather than when the next image rebinds them, so two never coexist
+            del image
+            info = pool_record["image"]
+            record = sa1b_record_from_masks(
+                info["image_id"], info["width"], info["height"], info.get("file_name", f"{key}.jpg"), records
+            )
+            del records  # the full-resolution masks, now encoded in the record
+            quality = _image_quality([ann["segmentation"] for ann in record["annotations"]], gt_rles)
+            shard_images.append({"key": key, **quality})
+            if record["annotations"]:
+                writer.write(key, jpeg, record)
     stats = {"shard": shard_name(index) if any(i["masks"] for i in shard_images) else None, "images": shard_images}
     write_json_atomically(stats_path(out_dir, index), stats)
     return stats

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from data_engine.annotation_step import annotate_shards, summarize_images
 from data_engine.annotator import ImageAnnotation, MaskRecord
-from data_engine.automatic_step import generate_shards, iou_matrix, summarize_quality
+from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import read_labelled_images, split_corpus
 from data_engine.ledger import ConfigChangedError, RunLedger
 from segany_train.data.shard_writer import read_manifest
@@ -137,14 +137,6 @@ def test_automatic_stage_resumes_and_measures_quality(pool, tmp_path):
     assert quality["gt_recall_75"] == 1.0
     with open(out["shards"][0].replace(".tar", ".stats.json")) as f:
         assert json.load(f)["shard"] == "automatic-000000.tar"
-
-
-def test_iou_matrix_against_brute_force():
-    rng = np.random.default_rng(0)
-    a = [rng.random((7, 9)) < 0.4 for _ in range(3)]
-    b = [rng.random((7, 9)) < 0.5 for _ in range(4)] + [np.zeros((7, 9), bool)]
-    expected = np.array([[(x & y).sum() / max((x | y).sum(), 1) for y in b] for x in a])
-    assert np.allclose(iou_matrix(a, b), expected)
 
 
 TRAINING = [

@@ -68,6 +68,23 @@ def nearest_indices(source: int, target: int) -> np.ndarray:
     return idx[0, 0].to(torch.int64).numpy()
 
 
+def parse_rles(rles: list[dict]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(runs, offsets as `rle_counts_batch` gives them, h, w) of K >= 1 RLEs of one image, checked:
+    ValueError names the first mask whose size differs from the first's or whose runs do not cover
+    its h*w pixels exactly."""
+    h, w = (int(v) for v in rles[0]["size"])
+    for k, rle in enumerate(rles):
+        if [int(v) for v in rle["size"]] != [h, w]:
+            raise ValueError(f"mask {k}: size {rle['size']} differs from the image's {[h, w]}")
+    runs, offsets = rle_counts_batch([rle["counts"] for rle in rles])
+    per_mask = np.add.reduceat(runs, offsets[:-1]) if runs.size else np.zeros(len(rles), np.int64)
+    per_mask[np.diff(offsets) == 0] = 0
+    bad = np.flatnonzero((per_mask != h * w) | np.r_[np.minimum.reduceat(runs, offsets[:-1]) < 0 if runs.size else [True]])
+    if bad.size:
+        raise ValueError(f"mask {bad[0]}: RLE runs cover {int(per_mask[bad[0]])} pixels, the {h}x{w} mask has {h * w}")
+    return runs, offsets, h, w
+
+
 def _extents(runs: np.ndarray, offsets: np.ndarray, h: int) -> np.ndarray:
     """K x 4 (first row, end row, first column, end column) holding each mask's foreground, from its
     runs alone; an empty mask gets empty ranges.
@@ -106,16 +123,7 @@ def decode_rles_at(rles: list[dict], rows: np.ndarray, cols: np.ndarray) -> np.n
     out = np.zeros((len(rles), len(rows), len(cols)), dtype=bool)
     if not rles:
         return out
-    h, w = (int(v) for v in rles[0]["size"])
-    for k, rle in enumerate(rles):
-        if [int(v) for v in rle["size"]] != [h, w]:
-            raise ValueError(f"mask {k}: size {rle['size']} differs from the image's {[h, w]}")
-    runs, offsets = rle_counts_batch([rle["counts"] for rle in rles])
-    per_mask = np.add.reduceat(runs, offsets[:-1]) if runs.size else np.zeros(len(rles), np.int64)
-    per_mask[np.diff(offsets) == 0] = 0
-    bad = np.flatnonzero((per_mask != h * w) | np.r_[np.minimum.reduceat(runs, offsets[:-1]) < 0 if runs.size else [True]])
-    if bad.size:
-        raise ValueError(f"mask {bad[0]}: RLE runs cover {int(per_mask[bad[0]])} pixels, the {h}x{w} mask has {h * w}")
+    runs, offsets, h, w = parse_rles(rles)
     queries, targets, owners = [], [], []
     all_rows, all_cols = np.arange(len(rows)), np.arange(len(cols))
     for k, (r0, r1, c0, c1) in enumerate(_extents(runs, offsets, h)):
