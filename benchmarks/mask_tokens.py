@@ -2,9 +2,9 @@
 
 SAM sees a 1024-px image as a 64x64 grid of 16-px tokens, so a typical SA-1B object spans tens of
 tokens. A miniature whose objects cover one or two tokens is far harder per object than SA-1B is
-for SAM. This prints the distribution of mask areas in tokens for the engine's pool (8-px patches
-on 256-px scenes of 2-4 objects with radii 10-35% of the side) and for the geometry the engine used
-before (16-px patches, 3-8 objects with radii 4-22%), and the ratio of the medians.
+for SAM. This prints the distribution of mask areas in tokens (16-px patches, the 16x16 embedding of
+a 256-px image) for the engine's pool (scenes of 2-4 objects with radii 10-35% of the side) and for
+the geometry the engine used before (3-8 objects with radii 4-22%), and the ratio of the medians.
 
     python benchmarks/mask_tokens.py [--images 100]
 """
@@ -16,7 +16,7 @@ import numpy as np
 from segany_train.data.synthetic import generate_image
 
 GEOMETRIES = {
-    "engine pool (patch 8)": (8, dict(size=256, min_objects=2, max_objects=4, min_radius=0.1, max_radius=0.35, style="tinted")),
+    "engine pool": (16, dict(size=256, min_objects=2, max_objects=4, min_radius=0.1, max_radius=0.35, style="tinted")),
     "old engine corpus (patch 16)": (16, dict(size=256, min_objects=3, max_objects=8)),
 }
 

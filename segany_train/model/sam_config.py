@@ -64,21 +64,6 @@ SAM_CONFIGS: dict[str, SamConfig] = {
         decoder_num_heads=4,
         iou_head_hidden_dim=128,
     ),
-    # ... and the small one with 8-px patches: a 32x32 embedding and 128x128 low-res masks, so that an
-    # object of a 256-px scene spans as many tokens as a typical SA-1B object does at 1024 px
-    "vit_t_256_p8": SamConfig(
-        image_size=256,
-        patch_size=8,
-        encoder_embed_dim=128,
-        encoder_depth=4,
-        encoder_num_heads=4,
-        encoder_window_size=8,
-        encoder_global_attn_indexes=(1, 3),
-        prompt_embed_dim=128,
-        decoder_mlp_dim=512,
-        decoder_num_heads=4,
-        iou_head_hidden_dim=128,
-    ),
 }
 SAM_CONFIGS["default"] = SAM_CONFIGS["vit_h"]
 
