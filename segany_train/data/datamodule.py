@@ -55,7 +55,8 @@ class SA1BDataModule(L.LightningDataModule):
     reads each shard once, split over ranks and over at most as many workers as a rank has shards.
 
     `synthetic` (a config's `synthetic` section) names a synthetic corpus that `prepare_data` writes
-    (resumably) before any rank reads it: Lightning calls that in one process per node, then a barrier.
+    (resumably) before any rank reads it: Lightning calls that in one process per node, then a barrier,
+    and the writer's directory lock makes the nodes of a shared filesystem take turns.
     """
 
     def __init__(
