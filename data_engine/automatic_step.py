@@ -27,7 +27,7 @@ from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomicall
 from segany_train.evaluation.automatic import decode_record_image
 
 
-def _image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> dict[str, Any]:
+def image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> dict[str, Any]:
     ious = rle_iou_matrix(rles, gt_rles)
     return {
         "masks": len(rles),
@@ -100,7 +100,7 @@ def generate_one_shard(
                 info["image_id"], info["width"], info["height"], info.get("file_name", f"{key}.jpg"), records
             )
             del records  # the full-resolution masks, now encoded in the record
-            quality = _image_quality([ann["segmentation"] for ann in record["annotations"]], gt_rles)
+            quality = image_quality([ann["segmentation"] for ann in record["annotations"]], gt_rles)
             shard_images.append({"key": key, **quality})
             if record["annotations"]:
                 writer.write(key, jpeg, record)

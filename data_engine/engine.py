@@ -146,6 +146,7 @@ class Engine:
                 holdout,
                 max_images=cfg.eval.max_images,
                 max_masks_per_image=cfg.eval.max_masks_per_image,
+                batch_size=cfg.eval.batch_size,
                 seed=cfg.seed,
                 progress=cfg.progress,
             ),
