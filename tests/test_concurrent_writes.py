@@ -56,6 +56,12 @@ def test_concurrent_json_writes_neither_collide_nor_tear(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]  # no temporary file left behind
 
 
+def test_json_files_are_created_with_the_usual_permissions(tmp_path):
+    write_json_atomically(tmp_path / "stats.json", {})
+    (tmp_path / "plain").touch()  # as open() creates a file under this process's umask
+    assert (tmp_path / "stats.json").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def _write_corpus(worker: int, directory: str) -> None:
     write_synthetic_corpus(directory, num_images=12, size=64, images_per_shard=2, min_objects=2, max_objects=4, progress=False)
 

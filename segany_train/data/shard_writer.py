@@ -8,7 +8,7 @@ unique per writer, and manifest updates (read, modify, write) hold a lock.
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ def write_json_atomically(path: Path, value: Any) -> None:
     """Writes `value` as JSON to `path` through a temporary file of its own, synced, then renamed:
     never half a file, even after a crash or beside another writer of the same path."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    # O_EXCL: the name is this writer's alone; mode 0o666 under the umask, as open() would create it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as stream:
             stream.write(json.dumps(value, indent=1, sort_keys=True))
@@ -49,7 +51,7 @@ def write_json_atomically(path: Path, value: Any) -> None:
             os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
 
