@@ -24,8 +24,17 @@ from segany_train.training.overlays import MaskOverlayCallback
 from segany_train.training.rollout import RolloutConfig
 
 FREEZABLE = ("image_encoder", "prompt_encoder", "mask_decoder")
-# conf/ sits at the repository root, beside this package (the project is installed editable)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _config_dir() -> Path:
+    """Hydra's configs: `segany_train/conf` in an installed wheel (pyproject.toml ships the
+    repository's conf/ there), else the repository's top-level conf/ beside this package (a checkout
+    or an editable install, where conf/ is the copy to edit)."""
+    package = Path(__file__).resolve().parent
+    return package / "conf" if (package / "conf").is_dir() else package.parent / "conf"
+
+
+CONFIG_DIR = str(_config_dir())
 
 
 def _dataclass_from(cls, node: DictConfig | dict) -> Any:

@@ -1,0 +1,52 @@
+"""A non-editable install works away from the repository: the project is installed with pip into a
+fresh virtual environment (sharing this one's packages, pip and setuptools, so nothing is downloaded)
+and every Hydra entry point composes its config from another directory."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("pyproject.toml", "README.md", "segany_train", "data_engine", "conf")
+HYDRA_ENTRY_POINTS = {"segany-train": "model:", "segany-engine": "stage3:", "segany-stage3": "mode: task"}
+
+
+def _run(command: list, cwd: Path) -> str:
+    result = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A virtual environment with the project installed from a copy of the sources, not editable."""
+    root = tmp_path_factory.mktemp("install")
+    (root / "src").mkdir()
+    for name in SOURCES:  # a copy: the build writes build/ and egg-info next to the sources
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, root / "src" / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, root / "src" / name)
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv"], root)
+    pip = [root / "venv" / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+    _run([*pip, root / "src"], root)
+    return root / "venv"
+
+
+def test_the_wheel_holds_every_module_and_every_config(venv, tmp_path):
+    site = Path(_run([venv / "bin" / "python", "-c", "import segany_train, sys; print(segany_train.__file__)"], tmp_path).strip()).parent.parent
+    assert site.is_relative_to(venv), f"imported {site}, not the installed copy"
+    for package in ("segany_train", "data_engine"):
+        source = {p.relative_to(ROOT) for p in (ROOT / package).rglob("*.py")}
+        assert source <= {p.relative_to(site) for p in (site / package).rglob("*.py")}, package
+    configs = {p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")}
+    assert configs == {p.relative_to(site / "segany_train" / "conf") for p in (site / "segany_train" / "conf").rglob("*.yaml")}
+
+
+@pytest.mark.parametrize("entry_point", sorted(HYDRA_ENTRY_POINTS))
+def test_every_entry_point_composes_its_config_away_from_the_repository(venv, tmp_path, entry_point):
+    output = _run([venv / "bin" / entry_point, "--cfg", "job"], tmp_path)
+    assert HYDRA_ENTRY_POINTS[entry_point] in output
