@@ -18,6 +18,7 @@ holds a shard's images and GT masks grows with the shard.
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from io import BytesIO
@@ -76,6 +77,7 @@ def random_model(work: Path) -> Path:
 
 def peak_rss_mib(shard: Path, run_dir: Path, checkpoint: Path) -> float:
     """Peak RSS of one `segany-stage3 mode=task` process over `shard`, in MiB."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # an output left by an earlier run would be skipped, not redone
     command = [
         sys.executable, "-m", "data_engine.distributed_stage3", "mode=task", f"checkpoint={checkpoint}",
         f"corpus.shards={shard}", f"run_dir={run_dir}", "task_id=0", "num_tasks=1", "device=cpu", "threads=1",
