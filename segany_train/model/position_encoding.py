@@ -16,11 +16,16 @@ class PositionEmbeddingRandom(nn.Module):
         self._grid_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
-        """...x2 normalised coords -> ...x(2*num_pos_feats)."""
-        coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
-        coords = 2 * math.pi * coords
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+        """...x2 normalised coords -> ...x(2*num_pos_feats) float32.
+
+        Always fp32, autocast or not: in bf16 the phase 2*pi*(x @ G) keeps 8 bits, which moves
+        points by whole cells, and the grid encoding is cached and reused outside autocast.
+        """
+        with torch.autocast(coords.device.type, enabled=False):
+            coords = 2 * coords.float() - 1
+            coords = coords @ self.positional_encoding_gaussian_matrix.float()
+            coords = 2 * math.pi * coords
+            return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encoding of every cell centre of an HxW grid: Cx H x W.
@@ -35,7 +40,7 @@ class PositionEmbeddingRandom(nn.Module):
         if self._grid_cache is not None and self._grid_cache[0] == key:
             return self._grid_cache[1]
         h, w = size
-        grid = torch.ones((h, w), device=g.device, dtype=g.dtype)
+        grid = torch.ones((h, w), device=g.device, dtype=torch.float32)
         y_embed = (grid.cumsum(dim=0) - 0.5) / h
         x_embed = (grid.cumsum(dim=1) - 0.5) / w
         pe = self._pe_encoding(torch.stack([x_embed, y_embed], dim=-1)).permute(2, 0, 1)  # C x H x W

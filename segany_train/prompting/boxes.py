@@ -42,10 +42,11 @@ def noisy_boxes(
     the box side along its axis (x0/x1: width, y0/y1: height), each noise value clamped to
     [-max_noise, max_noise] pixels. Corners are then re-sorted so x0 <= x1 and y0 <= y1 (large
     noise on a thin box can swap them), and, if `image_size` = (h, w) is given, clipped to [0, w] x
-    [0, h]. Returns Nx4 in the dtype/device of `boxes` (`generator` must be on that device).
+    [0, h]. Returns Nx4 in the dtype/device of `boxes` (`generator` may live on another device).
     """
     side = torch.cat([boxes[:, 2:] - boxes[:, :2]] * 2, dim=1)  # (w, h, w, h), matching x0 y0 x1 y1
-    noise = torch.randn(boxes.shape, generator=generator, device=boxes.device, dtype=boxes.dtype)
+    draw_on = generator.device if generator is not None else boxes.device  # draws happen on the generator's device
+    noise = torch.randn(boxes.shape, generator=generator, device=draw_on, dtype=boxes.dtype).to(boxes.device)
     noise = (noise * noise_std_fraction * side.abs()).clamp(-max_noise, max_noise)
     jittered = boxes + noise
     xs = jittered[:, 0::2].sort(dim=1).values

@@ -42,7 +42,9 @@ def sample_flat_indices(
     count = cumsum[:, -1] if flat.shape[1] > 0 else torch.zeros(n, dtype=torch.int32, device=masks.device)
     valid = count > 0
     # float64 so that the rank stays uniform for counts far beyond float32's 2^24 resolution.
-    u = torch.rand(n, generator=generator, device=masks.device, dtype=torch.float64)
+    # drawn on the generator's device (a CUDA generator cannot draw a CPU tensor, nor the reverse)
+    draw_on = generator.device if generator is not None else masks.device
+    u = torch.rand(n, generator=generator, device=draw_on, dtype=torch.float64).to(masks.device)
     rank = (u * count).floor().to(torch.int32)
     rank = torch.minimum(rank, (count - 1).clamp(min=0))  # guard u*count rounding up to count
     # First position whose cumulative count exceeds the rank = the rank-th True pixel (0-based).
@@ -56,7 +58,7 @@ def sample_points_in_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A point sampled uniformly among the True pixels of each mask.
 
-    masks: NxHxW bool (any device; `generator`, if given, must live on the same device).
+    masks: NxHxW bool (any device; `generator`, if given, may live on another: draws happen on it).
     Returns (coords Nx2 float32 (x, y) pixel centres * scale, valid N bool). Empty masks give
     valid=False and NaN coords.
 

@@ -57,7 +57,9 @@ def iteration_schedule(cfg: RolloutConfig, generator: torch.Generator | None = N
     refinements = cfg.num_iterations - 1 - cfg.num_correction_clicks
     schedule = [True] * cfg.num_correction_clicks
     if refinements > 0:
-        position = int(torch.randint(0, cfg.num_correction_clicks + 1, (1,), generator=generator))
+        # drawn on the generator's device: a CUDA generator cannot draw a CPU tensor
+        device = generator.device if generator is not None else None
+        position = int(torch.randint(0, cfg.num_correction_clicks + 1, (1,), generator=generator, device=device))
         schedule.insert(position, False)
         schedule += [False] * (refinements - 1)
     return schedule
@@ -78,7 +80,9 @@ class IterationOutput:
 
 
 def _bernoulli(n: int, p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=device) < p
+    """N bool draws with probability p, drawn on the generator's device and returned on `device`."""
+    draw_on = generator.device if generator is not None else device
+    return (torch.rand(n, generator=generator, device=draw_on) < p).to(device)
 
 
 def run_rollout(
@@ -123,7 +127,7 @@ def run_rollout(
     click_labels = torch.empty(n, 0, dtype=torch.long, device=device)
     mask_input: torch.Tensor | None = None
     if cfg.gt_mask_prompt_probability > 0:
-        gt_logits = (gt.float() * 2 - 1)[:, None] * 10.0  # a confident mask prompt
+        gt_logits = (gt.to(embeddings.dtype) * 2 - 1)[:, None] * 10.0  # a confident mask prompt
         mask_input = torch.where(use_gt_mask.view(-1, 1, 1, 1), gt_logits, torch.zeros_like(gt_logits))
     has_mask = use_gt_mask.clone()
     previous_mask = torch.zeros_like(gt)  # the prediction the next click corrects
@@ -144,7 +148,9 @@ def run_rollout(
         if valid is not None:
             previous_mask &= valid
         if cfg.mask_feedback:
-            mask_input, has_mask = chosen[:, None], torch.ones(n, dtype=torch.bool, device=device)
+            # in the embeddings' dtype, as the GT-mask prompt: the decoder's outputs may be bf16
+            # (autocast) while the prompt encoder's weights are fp32
+            mask_input, has_mask = chosen[:, None].to(embeddings.dtype), torch.ones(n, dtype=torch.bool, device=device)
 
 
 class ClickIoU(NamedTuple):
@@ -225,9 +231,6 @@ def _decode(sam, embeddings, image_index, coords, labels, mask_input, has_mask, 
     Single-output rows are repeated to 3 with their IoU prediction so both kinds stack; the loss's
     min over outputs and the argmax over predicted IoU then see one distinct output.
     """
-    n = coords.shape[0]
-    logits = embeddings.new_zeros(n, 3, *sam.prompt_encoder.mask_input_size)
-    iou = embeddings.new_zeros(n, 3)
     parts_logits, parts_iou, rows_all = [], [], []
     for flag in (True, False):
         rows = (multimask == flag).nonzero().squeeze(1)
@@ -245,7 +248,12 @@ def _decode(sam, embeddings, image_index, coords, labels, mask_input, has_mask, 
         parts_logits.append(low.expand(-1, 3, -1, -1) if not flag else low)
         parts_iou.append(pred.expand(-1, 3) if not flag else pred)
         rows_all.append(rows)
-    rows = torch.cat(rows_all)
-    logits = logits.index_copy(0, rows, torch.cat(parts_logits))
-    iou = iou.index_copy(0, rows, torch.cat(parts_iou))
+    # concatenated in the decoder's dtype and put back in prompt order by the inverse permutation:
+    # under CUDA autocast the outputs are bf16 while the embeddings are fp32, and CUDA autocast does
+    # not promote a copy into an fp32 buffer (CPU autocast does)
+    order = torch.cat(rows_all)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    logits = torch.cat(parts_logits)[inverse]
+    iou = torch.cat(parts_iou)[inverse]
     return logits, iou
