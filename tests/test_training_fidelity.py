@@ -79,3 +79,23 @@ def test_positional_encoding_is_fp32_under_autocast_and_not_reused_across_dtypes
     pe.pe_layer._grid_cache = None
     torch.testing.assert_close(dense, pe.get_dense_pe(), rtol=0, atol=0)
     torch.testing.assert_close(dense_bf16, dense, rtol=0, atol=0)
+
+
+def test_a_mask_prompt_is_not_dropped_when_shared_keys_are_passed(tiny_sam):
+    # shared keys are made without a mask prompt; a caller who passes them with one prompt that has
+    # a mask must still get the mask's effect (the decoder detects the no-mask case, not "one row")
+    embeddings = torch.randn(1, 32, 8, 8)
+    pe = tiny_sam.prompt_encoder
+    keys = tiny_sam.mask_decoder.prepare_shared_keys(embeddings, pe.get_dense_pe(), pe.no_mask_dense(1))
+    sparse, dense = pe((torch.tensor([[[40.0, 50.0]]]), torch.tensor([[1]])), None, torch.randn(1, 1, 32, 32) * 5)
+    expected = tiny_sam.mask_decoder(embeddings, pe.get_dense_pe(), sparse, dense, True)
+    got = tiny_sam.mask_decoder(embeddings, pe.get_dense_pe(), sparse, dense, True, shared_keys=keys)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    _, no_mask = pe((torch.tensor([[[40.0, 50.0]]]), torch.tensor([[1]])), None, None)
+    assert not torch.allclose(expected[0], tiny_sam.mask_decoder(embeddings, pe.get_dense_pe(), sparse, no_mask, True)[0])
+    # the no-mask case still uses the keys it is given
+    torch.testing.assert_close(
+        tiny_sam.mask_decoder(embeddings, pe.get_dense_pe(), sparse, no_mask, True, shared_keys=keys),
+        tiny_sam.mask_decoder(embeddings, pe.get_dense_pe(), sparse, no_mask, True),
+        atol=1e-5, rtol=1e-5,
+    )

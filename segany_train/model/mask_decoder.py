@@ -71,7 +71,8 @@ class MaskDecoder(nn.Module):
 
         image_index: N image indices; when omitted, a single image serves every prompt or image i
         serves prompt i (the official conventions). token_mask: NxT, False for batch padding tokens.
-        shared_keys: `prepare_shared_keys` output to reuse across calls on the same images.
+        shared_keys: `prepare_shared_keys` output to reuse across calls on the same images; used only
+        when the dense prompt is the "no mask" embedding they were made from (ignored otherwise).
         """
         n = sparse_prompt_embeddings.shape[0]
         image_index = self._resolve_image_index(
@@ -87,6 +88,10 @@ class MaskDecoder(nn.Module):
         if token_mask is not None:
             token_mask = torch.cat([token_mask.new_ones(n, 1 + self.num_mask_tokens), token_mask], dim=1)
         shared = self._dense_is_shared(dense_prompt_embeddings)
+        if shared_keys is not None and not self._dense_is_no_mask(dense_prompt_embeddings):
+            # the keys were made without a mask prompt and this dense carries one: a single-row
+            # mask prompt is still shared by the prompts, but through keys made from it
+            shared_keys = None
         if shared and shared_keys is None:
             # No mask prompt: every prompt of an image sees the same image tokens in the first layer.
             shared_keys = self.prepare_shared_keys(image_embeddings, image_pe, dense_prompt_embeddings[:1])
@@ -126,6 +131,14 @@ class MaskDecoder(nn.Module):
     def _dense_is_shared(dense: torch.Tensor) -> bool:
         """True when the dense prompt is one per-channel vector for all prompts (the "no mask" embedding)."""
         return dense.shape[0] == 1 or (dense.stride(0) == 0 and dense.stride(2) == 0 and dense.stride(3) == 0)
+
+    @staticmethod
+    def _dense_is_no_mask(dense: torch.Tensor) -> bool:
+        """True when the dense prompt is constant over the grid and the prompts: the "no mask"
+        embedding (broadcast, as `PromptEncoder.no_mask_dense` gives it, or 1xCx1x1); a mask
+        prompt's embedding varies over the grid."""
+        per_cell = dense.shape[-2:] == (1, 1) or (dense.stride(2) == 0 and dense.stride(3) == 0)
+        return per_cell and (dense.shape[0] == 1 or dense.stride(0) == 0)
 
     def prepare_shared_keys(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
