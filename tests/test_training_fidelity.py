@@ -99,3 +99,79 @@ def test_a_mask_prompt_is_not_dropped_when_shared_keys_are_passed(tiny_sam):
         tiny_sam.mask_decoder(embeddings, pe.get_dense_pe(), sparse, no_mask, True),
         atol=1e-5, rtol=1e-5,
     )
+
+
+def _recording_decode(sam, calls: list):
+    """Records each `Sam.decode` call's prompts (the real decode still runs)."""
+    decode = sam.decode
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return decode(*args, **kwargs)
+
+    sam.decode = recorded
+    return sam
+
+
+def test_sam2_gt_mask_first_prompt_replaces_points_and_boxes(tiny_sam):
+    calls: list = []
+    _recording_decode(tiny_sam, calls)
+    n = 64
+    gt = torch.zeros(n, 32, 32, dtype=torch.bool)
+    gt[:, 8:20, 6:22] = True
+    cfg = RolloutConfig(num_iterations=1, num_correction_clicks=0, box_probability=0.5, gt_mask_prompt_probability=0.5)
+    run_rollout(tiny_sam, torch.randn(1, 32, 8, 8), gt, torch.zeros(n, dtype=torch.long), cfg, lambda out: None,
+                torch.Generator().manual_seed(0))
+    box = point = masked = 0
+    for call in calls:
+        labels, has_mask = call["point_labels"], call["has_mask_input"]
+        is_box = (labels == 2).any(1)
+        is_point = (labels == 1).any(1)
+        assert not (has_mask & (is_box | is_point)).any(), "a GT-mask prompt came with a box or a point"
+        assert ((labels >= 0).any(1) | has_mask).all()
+        box, point, masked = box + int(is_box.sum()), point + int(is_point.sum()), masked + int(has_mask.sum())
+    assert box + point + masked == n and box > 0 and point > 0 and masked > 0
+
+
+def test_training_and_validation_never_click_into_the_padding(tiny_sam, tmp_path):
+    import lightning as L
+
+    from segany_train.training.module import SamTrainingModule
+    from segany_train.training.optim import OptimConfig
+    from segany_train.training.rollout import interactive_ious
+    from segany_train.training.module import EVAL_ROLLOUT, normalize_images
+
+    # two 128x40 images (a third of the width holds the image, the rest is padding) whose masks
+    # fill the image's left part; the model over-predicts (foreground everywhere, padding included)
+    tiny_sam.mask_decoder.register_forward_hook(lambda module, args, out: (out[0] + 10.0, out[1]))
+    images = torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8)
+    gt = torch.zeros(4, 32, 32, dtype=torch.bool)
+    gt[:, 4:28, 1:9] = True
+    batch = {
+        "image": images,
+        "input_size": torch.tensor([[128, 40], [128, 40]]),
+        "original_size": torch.tensor([[384, 120], [384, 120]]),
+        "masks": gt,
+        "image_index": torch.tensor([0, 0, 1, 1]),
+        "skipped": {},
+    }
+    calls: list = []
+    _recording_decode(tiny_sam, calls)
+    module = SamTrainingModule(tiny_sam, optim=OptimConfig(warmup_steps=1), rollout=RolloutConfig(box_probability=0.0))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    clicks = [(c["point_coords"], c["point_labels"]) for c in calls]
+    background = torch.cat([coords[labels == 0] for coords, labels in clicks])
+    assert background.numel() > 0
+    assert (background[:, 0] < 40).all(), "a background click fell into the padding"
+    # in-training validation is segany-eval's protocol: predictions cleared in the padding
+    module.eval()
+    valid = torch.zeros(4, 32, 32, dtype=torch.bool)
+    valid[:, :, :10] = True
+    with torch.no_grad():
+        embeddings = tiny_sam.image_encoder(normalize_images(tiny_sam, images, batch["input_size"]))
+    expected = interactive_ious(tiny_sam, embeddings, gt, batch["image_index"], EVAL_ROLLOUT, valid=valid)
+    got = module.interactive_miou(batch)
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k].shown)

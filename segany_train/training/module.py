@@ -28,6 +28,14 @@ def normalize_images(sam: Sam, images: torch.Tensor, input_size: torch.Tensor) -
     return x * inside[:, None]
 
 
+def valid_regions_from_input_size(input_size: torch.Tensor, image_index: torch.Tensor, img_size: int, mask_size: int) -> torch.Tensor:
+    """Bx2 (h, w) image sizes inside the SxS padded input, N image indices -> NxMxM bool: where each
+    mask's image lies in the low-res frame (rounded as the GT masks are resized; the rest is padding)."""
+    rows_cols = (input_size.to(torch.float64) * mask_size / img_size + 0.5).floor().long()[image_index]  # N x 2
+    coords = torch.arange(mask_size, device=input_size.device)
+    return (coords[None, :, None] < rows_cols[:, 0, None, None]) & (coords[None, None, :] < rows_cols[:, 1, None, None])
+
+
 def _detached(loss: IterationLoss) -> IterationLoss:
     return replace(loss, total=loss.total.detach(), focal=loss.focal.detach(), dice=loss.dice.detach(), iou=loss.iou.detach())
 
@@ -121,7 +129,9 @@ class SamTrainingModule(L.LightningModule):
                 first_iteration.append(out)
             last_logits[:] = [out.logits.detach()]
 
-        run_rollout(self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator())
+        # no click in the padding of a non-square image: a user never sees it
+        valid = self._valid(batch)
+        run_rollout(self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid)
         if leaf.grad is not None:
             self._backward_unsynced((embeddings * leaf.grad).sum())
         self._all_reduce_gradients()
@@ -148,6 +158,11 @@ class SamTrainingModule(L.LightningModule):
         self.log("loss", total, prog_bar=True, logger=False, batch_size=batch["image"].shape[0])
         return total
 
+    def _valid(self, batch: dict) -> torch.Tensor:
+        """NxMxM bool: the image part of each mask's low-res frame (segany-eval clears the rest too)."""
+        mask_size = batch["masks"].shape[-1]
+        return valid_regions_from_input_size(batch["input_size"], batch["image_index"], self.sam.image_encoder.img_size, mask_size)
+
     def _keep_visual(self, batch: dict, first: list[IterationOutput], best: torch.Tensor, last: list[torch.Tensor]) -> None:
         """The first image's GT, final prediction and first prompts, for MaskOverlayCallback."""
         rows = (batch["image_index"] == 0).nonzero().squeeze(1)
@@ -164,7 +179,9 @@ class SamTrainingModule(L.LightningModule):
     def interactive_miou(self, batch: dict, rollout: RolloutConfig = EVAL_ROLLOUT) -> dict[int, torch.Tensor]:
         """Per-mask IoU after k interactions under the evaluation protocol: {k: N}."""
         embeddings = self.sam.image_encoder(normalize_images(self.sam, batch["image"], batch["input_size"]))
-        ious = interactive_ious(self.sam, embeddings, batch["masks"], batch["image_index"], rollout, generator=self._generator())
+        ious = interactive_ious(
+            self.sam, embeddings, batch["masks"], batch["image_index"], rollout, valid=self._valid(batch), generator=self._generator()
+        )
         return {k: v.shown for k, v in ious.items()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

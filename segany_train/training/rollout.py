@@ -33,7 +33,7 @@ class RolloutConfig:
 
     num_iterations: int = 11  # including the first prompt
     num_correction_clicks: int = 8
-    box_probability: float = 0.5  # first prompt: a noisy GT box, else a point inside the mask
+    box_probability: float = 0.5  # first prompt without a GT mask: a noisy GT box, else a point inside the mask
     gt_mask_prompt_probability: float = 0.0  # SAM 2: the GT mask itself as the first prompt
     gt_click_probability: float = 0.0  # SAM 2: a correction click drawn from the GT, not the error
     click_mode: str = "uniform"  # "uniform" (training) or "center" (evaluation protocol)
@@ -106,8 +106,9 @@ def run_rollout(
     """
     n, device = gt.shape[0], gt.device
     scale = sam.image_encoder.img_size / gt.shape[-1]  # low-res mask pixel -> input pixels
-    use_box = _bernoulli(n, cfg.box_probability, generator, device)
     use_gt_mask = _bernoulli(n, cfg.gt_mask_prompt_probability, generator, device)
+    # SAM 2: the GT-mask prompt replaces points and boxes; the rest get a box or a point
+    use_box = _bernoulli(n, cfg.box_probability, generator, device) & ~use_gt_mask
     points, _ = sample_points_in_masks(gt, generator=generator, scale=scale)
     boxes = noisy_boxes(
         boxes_from_masks(gt, scale=scale),
