@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from segany_train.model import SAM_CONFIGS, Sam, build_sam_by_name, build_sam_from_checkpoint
+from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError, build_sam_by_name, build_sam_from_checkpoint
+from segany_train.model.checkpoint import load_checkpoint_file
 
 # The official SamAutomaticMaskGenerator's keyword arguments and defaults (SAM data engine stage 3).
 GENERATOR_DEFAULTS: dict[str, Any] = {
@@ -37,6 +38,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(SAM_CONFIGS),
         help="SAM size; without --checkpoint the weights are random (for smoke tests)",
     )
+    group.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="fully unpickle the checkpoint (it can run code); without it only tensors and plain containers load",
+    )
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group.add_argument("--seed", type=int, default=0, help="seed of random weights and of sampled subsets")
 
@@ -48,16 +54,22 @@ def load_model(args: argparse.Namespace) -> Sam:
     """
     if args.checkpoint is None and args.model_type is None:
         raise ValueError("give --checkpoint, --model-type (random weights), or both")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    if args.checkpoint is None:
-        torch.manual_seed(args.seed)
-        sam = build_sam_by_name(args.model_type)
-    elif args.model_type is None:
-        sam = build_sam_from_checkpoint(args.checkpoint)
-    else:
-        sam = build_sam_by_name(args.model_type, args.checkpoint)
-    return sam.to(args.device).eval()
+    return build_model(args.checkpoint, args.model_type, trust=args.trust_checkpoint, seed=args.seed).to(args.device).eval()
+
+
+def build_model(checkpoint: Path | None, model_type: str | None, *, trust: bool = False, seed: int = 0) -> Sam:
+    """The checkpoint's Sam (its size read from the file, or `model_type` checked against it), or a
+    `model_type` with random weights drawn from `seed`. Checkpoint errors are one line naming the file;
+    the file is fully unpickled only when `trust` (see `load_checkpoint_file`)."""
+    if checkpoint is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return build_sam_by_name(model_type)
+    source = load_checkpoint_file(Path(checkpoint), trust=trust)
+    try:
+        return build_sam_from_checkpoint(source) if model_type is None else build_sam_by_name(model_type, source)
+    except SamCheckpointError as error:
+        raise SamCheckpointError(f"{checkpoint}: {error}") from None
 
 
 def describe_model(args: argparse.Namespace) -> str:

@@ -8,7 +8,6 @@ prompts are decoded by ONNX Runtime.
 
 import argparse
 import copy
-import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError, build_sam_by_name, build_sam_from_checkpoint
+from segany_train.inference_options import build_model
+from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError
 from segany_train.onnx_model import SamOnnxModel
 
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -149,18 +149,6 @@ def check_with_onnxruntime(
     return worst
 
 
-def load_model(checkpoint: str | None, model_type: str | None) -> Sam:
-    """The model to export: the checkpoint's (its size from the file, or `model_type` checked against
-    it), or a `model_type` with random weights."""
-    if checkpoint is None:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return build_sam_by_name(model_type)
-    if model_type is None:
-        return build_sam_from_checkpoint(checkpoint)
-    return build_sam_by_name(model_type, checkpoint)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="segany-export-onnx",
@@ -171,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         "--model-type",
         choices=sorted(SAM_CONFIGS),
         help="SAM size: random weights without --checkpoint, else checked against the checkpoint",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="fully unpickle the checkpoint (it can run code); without it only tensors and plain containers load",
     )
     parser.add_argument("--output", required=True, help="where to write the .onnx model")
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset (>= {MIN_OPSET}; default 17)")
@@ -192,13 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.opset < MIN_OPSET:
         parser.error(f"--opset must be >= {MIN_OPSET}, got {args.opset}")
     try:
-        sam = load_model(args.checkpoint, args.model_type).eval()
+        sam = build_model(args.checkpoint, args.model_type, trust=args.trust_checkpoint).eval()
     except (FileNotFoundError, SamCheckpointError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
-        # torch.load's own message about a file that is not a checkpoint says little on its own
-        detail = " ".join(str(error).split())[:200] or type(error).__name__
-        parser.exit(2, f"{parser.prog}: error: {args.checkpoint} is not a readable SAM checkpoint ({detail})\n")
     options = {
         "return_single_mask": args.return_single_mask,
         "use_stability_score": args.use_stability_score,

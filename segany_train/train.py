@@ -1,5 +1,6 @@
 """Training entry point: `segany-train [hydra overrides]`, or `train(cfg)` from Python."""
 
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segany_train.data.datamodule import SA1BDataModule
 from segany_train.data.training_sample import SampleConfig
-from segany_train.model import Sam, build_sam_by_name
+from segany_train.model import Sam, SamCheckpointError, build_sam_by_name
+from segany_train.model.checkpoint import load_checkpoint_file
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.training.losses import LossWeights
@@ -50,11 +52,19 @@ def build_model(model_cfg: DictConfig) -> Sam:
     """The SAM to train: a registry size with overrides, a checkpoint, frozen parts and LoRA."""
     overrides = dict(OmegaConf.to_container(model_cfg.overrides, resolve=True) or {})
     overrides.setdefault("encoder_drop_path_rate", model_cfg.drop_path)
-    sam = build_sam_by_name(model_cfg.name, checkpoint=model_cfg.checkpoint, **overrides)
+    checkpoint = None
+    if model_cfg.checkpoint is not None:
+        # weights only unless the config says the file is trusted (a pickle can run code)
+        checkpoint = load_checkpoint_file(Path(model_cfg.checkpoint), trust=bool(model_cfg.get("trust_checkpoint", False)))
+    try:
+        sam = build_sam_by_name(model_cfg.name, checkpoint=checkpoint, **overrides)
+    except SamCheckpointError as error:
+        raise SamCheckpointError(f"{model_cfg.checkpoint}: {error}") from None
     for part in model_cfg.freeze:
         if part not in FREEZABLE:
             raise ValueError(f"model.freeze entries must be among {FREEZABLE}, got {part!r}")
-        getattr(sam, part).requires_grad_(False)
+        # eval mode too: a frozen encoder must not keep drop path on (SamTrainingModule.train keeps it so)
+        getattr(sam, part).requires_grad_(False).eval()
     if model_cfg.tied_cross_attention_init > 0 and model_cfg.checkpoint is None:
         tie_cross_attention_queries_and_keys(sam.mask_decoder, scale=model_cfg.tied_cross_attention_init)
     if model_cfg.lora_rank > 0:
@@ -173,7 +183,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (SamCheckpointError, FileNotFoundError) as error:
+        sys.exit(f"segany-train: error: {error}")
     for key in sorted(metrics):
         if key.startswith("val/"):
             print(f"{key}: {metrics[key]:.4f}")

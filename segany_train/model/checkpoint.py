@@ -2,6 +2,7 @@
 
 import pickle
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,15 +61,39 @@ def _merge_lora_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return merged
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """The dict a checkpoint file holds, on the CPU."""
+TRUST_HINT = "pass --trust-checkpoint (+model.trust_checkpoint=true for segany-train) only if you trust whoever made it"
+
+
+def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
+    """The dict a checkpoint file holds, on the CPU.
+
+    Only tensors and plain containers are unpickled (`weights_only=True`): official `.pth` files and
+    this project's Lightning checkpoints (hyper-parameters are plain dicts) need nothing else, and a
+    pickle can run any code while it loads. `trust=True` unpickles everything, with a warning.
+    SamCheckpointError (one line naming the file) for anything that is not a checkpoint dict.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    if trust:
+        warnings.warn(f"{path}: trusted checkpoint, fully unpickled (it can run code)", UserWarning, stacklevel=2)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints also pickle hyper-parameters (config objects); the file is the user's own.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        loaded = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if found:
+            raise SamCheckpointError(f"{path} is not a weights-only checkpoint (it pickles {found.group(1)}); {TRUST_HINT}") from None
+        raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
+    except (EOFError, RuntimeError, ValueError, KeyError, OSError, AttributeError, IndexError, TypeError) as error:
+        # what torch.load raises for empty, truncated, random or text files says little on its own
+        raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
+    if not isinstance(loaded, dict):
+        raise SamCheckpointError(f"{path} is not a SAM checkpoint (it holds a {type(loaded).__name__}, not a state dict)")
+    return loaded
+
+
+def _first_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], like: SamConfig) -> SamConfig:
