@@ -175,3 +175,56 @@ def test_training_and_validation_never_click_into_the_padding(tiny_sam, tmp_path
     got = module.interactive_miou(batch)
     for k in got:
         torch.testing.assert_close(got[k], expected[k].shown)
+
+
+def _one_batch(n_masks: int = 2) -> dict:
+    gt = torch.zeros(n_masks, 32, 32, dtype=torch.bool)
+    gt[:, 4:20, 6:22] = True
+    return {
+        "image": torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8),
+        "input_size": torch.tensor([[128, 128]]),
+        "original_size": torch.tensor([[128, 128]]),
+        "masks": gt,
+        "image_index": torch.zeros(n_masks, dtype=torch.long),
+        "skipped": {},
+    }
+
+
+def _fit(module, batches: list[dict], **trainer_kwargs) -> None:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+
+
+def test_a_frozen_encoder_stays_in_eval_mode_so_drop_path_is_off():
+    from omegaconf import OmegaConf
+
+    from segany_train.train import build_model
+    from segany_train.training.module import SamTrainingModule
+
+    cfg = OmegaConf.create({
+        "name": "vit_t_256", "overrides": {"image_size": 128}, "checkpoint": None, "freeze": ["image_encoder"],
+        "lora_rank": 0, "lora_alpha": 1.0, "drop_path": 0.5, "tied_cross_attention_init": 0.0,
+    })
+    sam = build_model(cfg)
+    modes = []
+    sam.image_encoder.register_forward_pre_hook(lambda module, args: modes.append((module.training, sam.mask_decoder.training)))
+    module = SamTrainingModule(sam, rollout=RolloutConfig(num_iterations=2, num_correction_clicks=1))
+    _fit(module, [_one_batch()])
+    assert modes == [(False, True)]
+    module.eval().train()  # as after a validation run
+    assert not sam.image_encoder.training and sam.mask_decoder.training
+
+
+def test_fine_tuning_does_not_inherit_the_pre_training_drop_path(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from segany_train.train import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        pretrain = compose("train", overrides=["model=vit_b", f"run_dir={tmp_path}"])
+        finetune = compose("train", overrides=["experiment=finetune_coco", f"run_dir={tmp_path}"])
+    assert pretrain.model.drop_path == 0.6
+    assert finetune.model.drop_path == 0.1

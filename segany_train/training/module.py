@@ -66,6 +66,15 @@ class SamTrainingModule(L.LightningModule):
             {"sam": asdict(sam.config), "optim": asdict(optim), "rollout": asdict(rollout), "loss": asdict(loss)}
         )
 
+    def train(self, mode: bool = True) -> "SamTrainingModule":
+        """Lightning's train/eval switch, except that a part with no trainable parameter (frozen by
+        `model.freeze`) stays in eval mode: a frozen encoder must not keep drop path on."""
+        super().train(mode)
+        for part in (self.sam.image_encoder, self.sam.prompt_encoder, self.sam.mask_decoder):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
     def _generator(self) -> torch.Generator:
         # per rank and step, so ranks draw different prompts and a resumed run draws the same ones
         g = torch.Generator(device=self.device)
