@@ -85,6 +85,26 @@ def list_inputs(source: str) -> tuple[Iterator[InputImage], int | None]:
     return _shard_inputs(urls), count_samples(urls)
 
 
+def input_directories(source: str) -> set[Path]:
+    """The resolved directories holding the inputs `source` names (a folder, an image's folder, or
+    the folders of the shards a pattern matches)."""
+    path = Path(source)
+    if path.is_dir():
+        return {path.resolve()}
+    if path.is_file():
+        return {path.resolve().parent}
+    return {Path(url).resolve().parent for url in expand_shard_patterns(source)}
+
+
+def check_outputs_apart_from_inputs(source: str, out: Path, shards_out: Path | None) -> None:
+    """ValueError when --out or --shards-out is a directory that holds the inputs: overlays named
+    after the images would replace them, and new shards (sa_000000.tar, ...) the input shards."""
+    inputs = input_directories(source)
+    for option, directory in (("--out", out), ("--shards-out", shards_out)):
+        if directory is not None and directory.resolve() in inputs:
+            raise ValueError(f"{option} {directory} holds the input {source}; choose a directory without inputs")
+
+
 def _shard_inputs(urls: list[str]) -> Iterator[InputImage]:
     for key, jpeg, record in read_records(urls):
         image = record["image"]
@@ -169,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         items, total = list_inputs(args.input)
+        check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
         generator = SamAutomaticMaskGenerator(load_model(args), output_mode="coco_rle", **generator_kwargs(args))
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")

@@ -1,0 +1,45 @@
+"""What the commands refuse before doing any work: outputs that would overwrite their inputs,
+unusable values, outputs that cannot be written."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segany_train import amg_cli
+from tests.shards import make_image, write_shards
+
+MODEL = ["--model-type", "vit_t_256_small_decoder", "--no-progress", "--points-per-side", "2"]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def image_folder(directory: Path, count: int = 2) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(make_image(i)[0]).save(directory / f"photo{i}.png")
+    return directory
+
+
+@pytest.mark.parametrize("nested", ["same", "file"])
+def test_amg_refuses_to_write_over_its_input_images(tmp_path, nested, capsys):
+    photos = image_folder(tmp_path / "photos")
+    before = snapshot(photos)
+    source = photos if nested == "same" else photos / "photo0.png"
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main([str(source), "--out", str(photos / "." ), *MODEL])
+    assert exit_.value.code != 0 and "input" in str(exit_.value.code)
+    assert snapshot(photos) == before
+
+
+def test_amg_refuses_shards_out_over_its_input_shards(tmp_path):
+    write_shards(tmp_path / "shards", 4, 2)
+    before = snapshot(tmp_path / "shards")
+    pattern = str(tmp_path / "shards" / "sa_*.tar")
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main([pattern, "--out", str(tmp_path / "masks"), "--shards-out", str(tmp_path / "x" / ".." / "shards"), *MODEL])
+    assert exit_.value.code != 0 and "input" in str(exit_.value.code)
+    assert snapshot(tmp_path / "shards") == before
