@@ -1,7 +1,7 @@
 """Training entry point: `segany-train [hydra overrides]`, or `train(cfg)` from Python."""
 
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,14 @@ def _dataclass_from(cls, node: DictConfig | dict) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    """`cfg.optim` as an OptimConfig; a null `total_steps` (the default) is `trainer.max_steps`, so the
+    cosine schedule ends where training does. An explicit one is kept (the data engine runs one
+    schedule across many shorter retrains)."""
+    optim = _dataclass_from(OptimConfig, cfg.optim)
+    return optim if optim.total_steps is not None else replace(optim, total_steps=int(cfg.trainer.max_steps))
+
+
 def build_model(model_cfg: DictConfig) -> Sam:
     """The SAM to train: a registry size with overrides, a checkpoint, frozen parts and LoRA."""
     overrides = dict(OmegaConf.to_container(model_cfg.overrides, resolve=True) or {})
@@ -65,6 +73,8 @@ def build_model(model_cfg: DictConfig) -> Sam:
             raise ValueError(f"model.freeze entries must be among {FREEZABLE}, got {part!r}")
         # eval mode too: a frozen encoder must not keep drop path on (SamTrainingModule.train keeps it so)
         getattr(sam, part).requires_grad_(False).eval()
+    # recompute each encoder block's activations in the backward pass: memory for compute
+    sam.image_encoder.activation_checkpointing = bool(model_cfg.get("activation_checkpointing", False))
     if model_cfg.tied_cross_attention_init > 0 and model_cfg.checkpoint is None:
         tie_cross_attention_queries_and_keys(sam.mask_decoder, scale=model_cfg.tied_cross_attention_init)
     if model_cfg.lora_rank > 0:
@@ -153,7 +163,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sam = build_model(cfg.model)
     module = SamTrainingModule(
         sam,
-        optim=_dataclass_from(OptimConfig, cfg.optim),
+        optim=optim_config(cfg),
         rollout=_dataclass_from(RolloutConfig, cfg.prompting),
         loss=_dataclass_from(LossWeights, cfg.loss),
         seed=cfg.seed,

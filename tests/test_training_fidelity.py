@@ -5,6 +5,8 @@ generator's, a decoder whose outputs are bf16 while the embeddings are fp32 (wha
 gives), CPU autocast for ops on its lower-precision list. `tests/gpu/` runs the real thing.
 """
 
+from pathlib import Path
+
 import torch
 
 from segany_train.training.rollout import RolloutConfig, iteration_schedule, run_rollout
@@ -228,3 +230,54 @@ def test_fine_tuning_does_not_inherit_the_pre_training_drop_path(tmp_path):
         finetune = compose("train", overrides=["experiment=finetune_coco", f"run_dir={tmp_path}"])
     assert pretrain.model.drop_path == 0.6
     assert finetune.model.drop_path == 0.1
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from segany_train.train import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def test_the_cosine_schedule_length_follows_max_steps_unless_set(tmp_path):
+    from segany_train.train import optim_config
+
+    derived = optim_config(_compose(["optim=sam2", "trainer.max_steps=500", f"run_dir={tmp_path}"]))
+    assert derived.total_steps == 500
+    explicit = optim_config(_compose(["optim=sam2", "trainer.max_steps=500", "optim.total_steps=5000", f"run_dir={tmp_path}"]))
+    assert explicit.total_steps == 5000  # the data engine's one schedule across many retrains
+    for experiment in ("tiny_synthetic_cpu", "finetune_coco", "sam_vit_b_sa1b", "sam_vit_h_sa1b"):
+        cfg = _compose([f"experiment={experiment}", "trainer.max_steps=123", f"run_dir={tmp_path}"])
+        assert optim_config(cfg).total_steps == 123, experiment
+
+
+def test_no_trainer_offers_gradient_accumulation_that_manual_optimisation_rejects(tmp_path):
+    from segany_train.train import CONFIG_DIR
+
+    for trainer in sorted(p.stem for p in (Path(CONFIG_DIR) / "trainer").glob("*.yaml")):
+        cfg = _compose([f"trainer={trainer}", f"run_dir={tmp_path}"])
+        assert "accumulate_grad_batches" not in cfg.trainer, trainer
+
+
+def test_encoder_activation_checkpointing_is_a_config_value(tmp_path):
+    from segany_train.train import build_model
+
+    cfg = _compose(["model.activation_checkpointing=true", f"run_dir={tmp_path}"])
+    assert build_model(cfg.model).image_encoder.activation_checkpointing is True
+    assert build_model(_compose([f"run_dir={tmp_path}"]).model).image_encoder.activation_checkpointing is False
+
+
+def test_launch_scripts_and_configs_name_only_trainers_that_exist():
+    import re
+
+    from segany_train.train import CONFIG_DIR
+
+    root = Path(CONFIG_DIR).parent
+    trainers = {p.stem for p in (Path(CONFIG_DIR) / "trainer").glob("*.yaml")}
+    files = [*root.glob("slurm/*.sbatch"), *root.glob("slurm/*.sh"), *Path(CONFIG_DIR).rglob("*.yaml")]
+    for path in files:
+        text = path.read_text()
+        for name in re.findall(r"trainer=(\w+)", text) + re.findall(r"trainer=\w+ or (\w+)", text):
+            assert name in trainers, f"{path} names trainer={name}"

@@ -18,7 +18,7 @@ class OptimConfig:
     schedule: str = "step"  # "step" (SAM: x0.1 at milestones) or "cosine" (SAM 2)
     milestones: tuple[int, ...] = (60000, 86666)
     decay_factor: float = 0.1
-    total_steps: int = 90000  # for cosine
+    total_steps: int | None = None  # for cosine; the training entry fills in trainer.max_steps when None
     gradient_clip: float | None = None  # SAM 2: 0.1
     no_decay_names: tuple[str, ...] = field(default=("pos_embed", "rel_pos_h", "rel_pos_w"))
 
@@ -57,6 +57,8 @@ def lr_factor(step: int, cfg: OptimConfig) -> float:
     if cfg.schedule == "step":
         return cfg.decay_factor ** sum(step >= m for m in cfg.milestones)
     if cfg.schedule == "cosine":
+        if cfg.total_steps is None:
+            raise ValueError("the cosine schedule needs total_steps (segany-train derives it from trainer.max_steps)")
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"schedule must be 'step' or 'cosine', got {cfg.schedule!r}")
