@@ -26,6 +26,7 @@ from data_engine.annotation_tasks import TASKS_FILE, AwaitingAnnotation, export_
 from data_engine.annotator import SimulatedAnnotator, TimeModel
 from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
+from data_engine.engine_config_check import check_engine_config
 from data_engine.holdout import evaluate_holdout
 from data_engine.ledger import RunLedger
 from data_engine.prefill import BoxPrefill, train_prefill_detector
@@ -275,6 +276,7 @@ def prepare_corpus(cfg: DictConfig) -> None:
 
 def run_engine(cfg: DictConfig) -> Path:
     """The whole cycle (or `only=stage3`); returns the report's path. One process per run directory."""
+    check_engine_config(cfg)
     with lock_directory(cfg.run_dir):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -1,0 +1,46 @@
+"""segany-engine refuses values that cannot work before any training starts."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("stage1.rounds=-1", "stage1.rounds"),
+        ("annotator.target_iou=1.5", "annotator.target_iou"),
+        ("annotator.target_iou=0", "annotator.target_iou"),
+        ("stage3.generator.points_per_side=0", "points_per_side"),
+        ("stage3.generator.pred_iou_thresh=nan", "pred_iou_thresh"),
+        ("corpus.synthetic.num_images=-5", "num_images"),
+        ("corpus.synthetic.images_per_shard=0", "images_per_shard"),
+    ],
+)
+def test_engine_refuses_values_that_cannot_work_before_any_work(tmp_path, override, named):
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "data_engine.engine", f"run_dir={tmp_path / 'run'}", "progress=false",
+         f"corpus.synthetic.directory={tmp_path / 'pool'}", f"seed_model.corpus.directory={tmp_path / 'public'}", override],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], run.stderr[-2000:]
+    assert not (tmp_path / "pool").exists() and not (tmp_path / "public").exists()
+    assert time.monotonic() - start < 60
+
+
+def test_engine_stage3_refuses_an_unreadable_checkpoint_in_one_line(tmp_path):
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(os.urandom(1000))
+    run = subprocess.run(
+        [sys.executable, "-m", "data_engine.engine", f"run_dir={tmp_path / 'run'}", "only=stage3", f"checkpoint={checkpoint}",
+         f"corpus.synthetic.directory={tmp_path / 'pool'}"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and len(lines) == 1 and str(checkpoint) in lines[0], run.stderr[-2000:]
