@@ -1,12 +1,23 @@
 """SamPredictor: the official interactive-prediction API (set an image once, prompt it many times)."""
 
+import warnings
+
 import numpy as np
 import torch
 
 from segany_train.cpu_allocator import retain_freed_memory
+from segany_train.model.prompt_encoder import BACKGROUND, BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
 from segany_train.model.two_way_transformer import SharedImageKeys
 from segany_train.transforms import ResizeLongestSide
+
+_POINT_LABELS = (NOT_A_POINT, BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT)
+
+
+def _check_finite(values: np.ndarray, name: str) -> None:
+    """A NaN or infinite prompt value would give NaN scores without a word: one line naming it."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} must be finite, got NaN or infinity in {values.size} values")
 
 
 class SamPredictor:
@@ -14,8 +25,9 @@ class SamPredictor:
 
     Same methods, arguments, coordinate conventions (XY pixels of the original image) and returns.
     Differences: the decoder's prompt-independent work is done once per image and reused by every
-    prompt; malformed prompts raise a ValueError that says what is wrong; on CPU it keeps freed
-    memory for reuse (`cpu_allocator.retain_freed_memory`).
+    prompt; malformed prompts (wrong shapes, NaN values, unknown point labels) raise a ValueError
+    that says what is wrong, and points or boxes outside the image are used as given with a
+    warning; on CPU it keeps freed memory for reuse (`cpu_allocator.retain_freed_memory`).
     """
 
     def __init__(self, sam_model: Sam) -> None:
@@ -56,6 +68,8 @@ class SamPredictor:
         self.reset_image()
         self.original_size = tuple(original_image_size)
         self.input_size = tuple(transformed_image.shape[-2:])
+        self.orig_h, self.orig_w = self.original_size  # the official predictor's attributes
+        self.input_h, self.input_w = self.input_size
         input_image = self.model.preprocess(transformed_image.to(self.model.pixel_mean.dtype))
         self.features = self.model.image_encoder(input_image)
         self.is_image_set = True
@@ -81,7 +95,10 @@ class SamPredictor:
                 raise ValueError(
                     f"point_coords must be Nx2 and point_labels N, got {point_coords.shape} and {point_labels.shape}"
                 )
-            self._check_inside_image(point_coords, "point")
+            _check_finite(point_coords, "point_coords")
+            if not np.isin(point_labels, _POINT_LABELS).all():
+                raise ValueError(f"point_labels must be in {{-1, 0, 1, 2, 3}}, got {np.unique(point_labels).tolist()}")
+            self._warn_outside_image(point_coords, "point")
             point_coords = self.transform.apply_coords(point_coords, self.original_size)
             coords_torch = torch.as_tensor(point_coords, dtype=torch.float, device=self.device)[None]
             labels_torch = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
@@ -89,23 +106,26 @@ class SamPredictor:
             box = np.asarray(box, dtype=float)
             if box.size != 4:
                 raise ValueError(f"box must be 4 numbers XYXY, got shape {box.shape}")
+            _check_finite(box, "box")
             if box.reshape(4)[2] < box.reshape(4)[0] or box.reshape(4)[3] < box.reshape(4)[1]:
                 raise ValueError(f"box must be XYXY with x1 >= x0 and y1 >= y0, got {box.reshape(4).tolist()}")
-            self._check_inside_image(box.reshape(2, 2), "box corner", any_inside=True)
+            self._warn_outside_image(box.reshape(2, 2), "box corner")
             box_torch = torch.as_tensor(self.transform.apply_boxes(box, self.original_size), dtype=torch.float, device=self.device)
         if mask_input is not None:
+            _check_finite(np.asarray(mask_input, dtype=float), "mask_input")
             mask_input_torch = torch.as_tensor(mask_input, dtype=torch.float, device=self.device)[None]
         masks, iou_predictions, low_res_masks = self.predict_torch(
             coords_torch, labels_torch, box_torch, mask_input_torch, multimask_output, return_logits=return_logits
         )
         return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy(), low_res_masks[0].cpu().numpy()
 
-    def _check_inside_image(self, points: np.ndarray, what: str, any_inside: bool = False) -> None:
+    def _warn_outside_image(self, points: np.ndarray, what: str) -> None:
+        """The official predictor uses such points as given (often a slip of the caller's frame)."""
         h, w = self.original_size
         inside = (points[:, 0] >= 0) & (points[:, 0] <= w) & (points[:, 1] >= 0) & (points[:, 1] <= h)
-        if not (inside.any() if any_inside else inside.all()):
+        if not inside.all():
             bad = points[~inside][0].tolist()
-            raise ValueError(f"{what} {bad} lies outside the {w}x{h} (WxH) image")
+            warnings.warn(f"{what} {bad} lies outside the {w}x{h} (WxH) image; used as given", stacklevel=3)
 
     @torch.no_grad()
     def predict_torch(

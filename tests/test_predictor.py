@@ -73,10 +73,13 @@ def test_new_image_replaces_cached_work(tiny_sam, predictor, image):
         ({"point_coords": np.array([[30, 40]])}, "point_labels must be supplied"),
         ({"point_coords": np.array([30, 40]), "point_labels": np.array([1])}, "Nx2"),
         ({"point_coords": np.array([[30, 40]]), "point_labels": np.array([1, 0])}, "Nx2"),
-        ({"point_coords": np.array([[500, 40]]), "point_labels": np.array([1])}, "outside the 120x90"),
+        ({"point_coords": np.array([[30, 40]]), "point_labels": np.array([4])}, "point_labels"),
+        ({"point_coords": np.array([[30, 40]]), "point_labels": np.array([-10])}, "point_labels"),
+        ({"point_coords": np.array([[np.nan, 40]]), "point_labels": np.array([1])}, "point_coords"),
+        ({"box": np.array([10, np.nan, 60, 60])}, "box"),
+        ({"box": np.array([10, 10, 60, 60]), "mask_input": np.full((1, 32, 32), np.nan)}, "mask_input"),
         ({"box": np.array([80, 10, 10, 60])}, "x1 >= x0"),
         ({"box": np.array([10, 10, 60])}, "4 numbers"),
-        ({"box": np.array([300, 300, 400, 400])}, "outside"),
     ],
 )
 def test_bad_prompts_raise_clear_errors(predictor, kwargs, message):
@@ -97,3 +100,52 @@ def test_bad_images_raise_clear_errors(tiny_sam):
 def test_a_mask_prompt_of_the_wrong_size_is_named(predictor):
     with pytest.raises(ValueError, match="1x32x32"):
         predictor.predict(point_coords=np.array([[3, 4]]), point_labels=np.array([1]), mask_input=np.zeros((1, 64, 64)))
+
+
+def test_bad_prompt_values_are_named_in_one_line(predictor):
+    # issue 14: NaN coordinates or mask logits would give NaN scores silently
+    with pytest.raises(ValueError, match=r"^box .*NaN") as error:
+        predictor.predict(box=np.array([10, np.nan, 60, 60]))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^point_labels .*\{-1, 0, 1, 2, 3\}"):
+        predictor.predict(point_coords=np.array([[30, 40]]), point_labels=np.array([7]))
+
+
+def test_points_and_boxes_outside_the_image_are_accepted_with_a_warning(predictor):
+    # the official predictor takes them as they are (they still say where the object is not)
+    outside = np.array([[30, 40], [500, 40]])
+    with pytest.warns(UserWarning, match="outside the 120x90"):
+        masks, iou, low = predictor.predict(point_coords=outside, point_labels=np.array([1, 0]), return_logits=True)
+    coords = predictor.transform.apply_coords(outside.astype(float), predictor.original_size)
+    expected = predictor.predict_torch(
+        torch.as_tensor(coords, dtype=torch.float)[None], torch.tensor([[1, 0]]), return_logits=True
+    )
+    assert np.allclose(masks, expected[0][0].numpy(), atol=1e-6) and np.allclose(iou, expected[1][0].numpy(), atol=1e-6)
+    with pytest.warns(UserWarning, match="outside"):
+        masks, _, _ = predictor.predict(box=np.array([300, 300, 400, 400]))
+    assert masks.shape == (3, 90, 120)
+
+
+def test_official_size_attributes_are_set(predictor):
+    assert (predictor.orig_h, predictor.orig_w, predictor.input_h, predictor.input_w) == (90, 120, 96, 128)
+    predictor.reset_image()
+    assert predictor.orig_h is None and predictor.input_w is None
+
+
+def test_sam_forward_accepts_mask_only_prompts(tiny_sam, image):
+    # the official Sam.forward: no points and no boxes, only a mask prompt -> no sparse tokens
+    x = torch.as_tensor(ResizeLongestSide(128).apply_image(image)).permute(2, 0, 1)
+    masks_in = torch.randn(2, 1, 32, 32) * 4
+    point_record = {"image": x, "original_size": (90, 120), "point_coords": torch.tensor([[[30.0, 40.0]]]),
+                    "point_labels": torch.tensor([[1]])}
+    with torch.no_grad():
+        out = tiny_sam([{"image": x, "original_size": (90, 120), "mask_inputs": masks_in}, point_record], multimask_output=True)
+        embedding = tiny_sam.image_encoder(tiny_sam.preprocess(x.float())[None])
+        sparse, dense = tiny_sam.prompt_encoder(points=None, boxes=None, masks=masks_in)
+        low, iou = tiny_sam.mask_decoder(embedding, tiny_sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    assert sparse.shape == (2, 0, 32)
+    assert out[0]["low_res_logits"].shape == (2, 3, 32, 32) and out[0]["masks"].shape == (2, 3, 90, 120)
+    torch.testing.assert_close(out[0]["low_res_logits"], low, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[0]["iou_predictions"], iou, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="point_coords"):
+        tiny_sam([{"image": x, "original_size": (90, 120)}], multimask_output=True)

@@ -105,7 +105,7 @@ class Sam(nn.Module):
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
         """Official interface: a list of per-image dicts -> a list of per-image outputs.
 
-        Each dict: 'image' 3xHxW (longest side resized), 'original_size' (H, W), and optionally
+        Each dict: 'image' 3xHxW (longest side resized), 'original_size' (H, W), and at least one of
         'point_coords' BxNx2 with 'point_labels' BxN, 'boxes' Bx4, 'mask_inputs' Bx1x4hx4w (input
         frame). Unlike the official model, all images are encoded together and all prompts of all
         images are decoded in one batch, with gradients.
@@ -158,7 +158,14 @@ class Sam(nn.Module):
             parts_c.append(corners)
             parts_l.append(torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=self.device).expand(corners.shape[0], 2))
         if not parts_c:
-            raise ValueError("each image needs point_coords/point_labels or boxes")
+            masks = record.get("mask_inputs")
+            if masks is None:
+                raise ValueError("each image needs point_coords/point_labels, boxes or mask_inputs")
+            # mask-only prompts (the official model allows them): no sparse token at all, which the
+            # batch's IGNORE_LABEL padding reproduces where other images have points
+            return torch.zeros(masks.shape[0], 0, 2, device=self.device), torch.zeros(
+                masks.shape[0], 0, dtype=torch.long, device=self.device
+            )
         return torch.cat(parts_c, dim=1), torch.cat(parts_l, dim=1)
 
 
