@@ -109,6 +109,7 @@ def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
         shuffle_buffer=data_cfg.shuffle_buffer,
         seed=cfg.seed,
         synthetic=OmegaConf.to_container(data_cfg.synthetic, resolve=True) if data_cfg.get("synthetic") else None,
+        max_consecutive_skips=data_cfg.max_consecutive_skips,
     )
 
 

@@ -73,8 +73,10 @@ class SA1BDataModule(L.LightningDataModule):
         shuffle_buffer: int = 100,
         seed: int = 0,
         synthetic: Mapping[str, Any] | None = None,
+        max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
+        self.max_consecutive_skips = max_consecutive_skips
         self.synthetic = synthetic
         self.train_patterns, self.val_patterns = train_shards, val_shards
         self.sample = sample
@@ -145,6 +147,7 @@ class SA1BDataModule(L.LightningDataModule):
             world_size=world,
             # a resumed or requeued run continues with new samples instead of replaying its first ones
             start_step=self.trainer.global_step if self.trainer is not None else 0,
+            max_consecutive_skips=self.max_consecutive_skips,
         )
         return self._loader(dataset, self.samples_per_worker, self.num_workers)
 

@@ -46,24 +46,44 @@ def expand_shard_patterns(patterns: str | list[str]) -> list[str]:
     return urls
 
 
+class NoUsableSamples(RuntimeError):
+    """A training loader read many samples in a row without a usable one (resampling would spin forever)."""
+
+
 class SkipLog:
     """Skips seen by this process since they were last attached to a sample.
 
     Lives in each DataLoader worker; every delivered sample carries the skips that happened before it
-    (`skipped`), so the counts reach the training process through the batches themselves.
+    (`skipped`), so the counts reach the training process through the batches themselves. Between two
+    delivered samples, the pending counts are the consecutive skips (`check_consecutive`).
     """
 
     pending: Counter = Counter()
+    shards: Counter = Counter()  # where the pending skips happened
 
     @classmethod
     def record(cls, reason: str, where: str, detail: str) -> None:
         cls.pending[reason] += 1
+        cls.shards[where.rsplit(".tar:", 1)[0] + ".tar" if ".tar:" in where else where] += 1
         warnings.warn(f"skipped {where}: {detail}", SkippedSampleWarning, stacklevel=2)
 
     @classmethod
     def take(cls) -> dict[str, int]:
-        taken, cls.pending = dict(cls.pending), Counter()
+        taken, cls.pending, cls.shards = dict(cls.pending), Counter(), Counter()
         return taken
+
+    @classmethod
+    def check_consecutive(cls, limit: int) -> None:
+        """NoUsableSamples naming the shards and the counts once `limit` skips have come in a row."""
+        if sum(cls.pending.values()) < limit:
+            return
+        counts = ", ".join(f"{n} {reason}" for reason, n in cls.pending.most_common())
+        shards = ", ".join(f"{url} ({n})" for url, n in cls.shards.most_common(5))
+        more = f" and {len(cls.shards) - 5} more" if len(cls.shards) > 5 else ""
+        raise NoUsableSamples(
+            f"no usable training sample in {limit} in a row ({counts}) from shards {shards}{more}; "
+            "fix the shards or the data settings (max_masks, min_mask_pixels), or raise data.max_consecutive_skips"
+        )
 
 
 def _tar_error_handler(error: Exception) -> bool:
@@ -73,7 +93,18 @@ def _tar_error_handler(error: Exception) -> bool:
     return True
 
 
-def _decode_stage(cfg: SampleConfig, stream: StreamSeed):
+def _limited_tar_error_handler(max_consecutive_skips: int):
+    """`_tar_error_handler` that also stops a training stream whose shards yield nothing usable."""
+
+    def handler(error: Exception) -> bool:
+        _tar_error_handler(error)
+        SkipLog.check_consecutive(max_consecutive_skips)
+        return True
+
+    return handler
+
+
+def _decode_stage(cfg: SampleConfig, stream: StreamSeed, max_consecutive_skips: int):
     passes = itertools.count()  # a new random stream on each pass (epoch) over the data
 
     def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -85,6 +116,7 @@ def _decode_stage(cfg: SampleConfig, stream: StreamSeed):
                 sample = build_training_sample(key, jpeg, record, cfg, rng)
             except BadSample as error:
                 SkipLog.record("bad_sample", where, str(error))
+                SkipLog.check_consecutive(max_consecutive_skips)
                 continue
             sample["skipped"] = SkipLog.take()
             yield sample
@@ -116,6 +148,7 @@ def training_pipeline(
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
+    max_consecutive_skips: int = 1000,
 ) -> wds.DataPipeline:
     """An IterableDataset of training samples.
 
@@ -127,12 +160,19 @@ def training_pipeline(
     Every draw (shards, order, shuffle, masks chosen, augmentation) is a function of `seed`, `rank`
     (this process's global rank: pass the trainer's, as `SA1BDataModule` does), the DataLoader worker,
     `start_step` (the step training starts or resumes at, so a resumed run draws new samples) and the
-    pass. `world_size` and `rank` also split the shards in the split modes.
+    pass. `world_size` and `rank` also split the shards in the split modes. A worker that skips
+    `max_consecutive_skips` samples or shard members in a row raises NoUsableSamples.
     """
+    if max_consecutive_skips < 1:
+        raise ValueError(f"max_consecutive_skips must be at least 1, got {max_consecutive_skips}")
     if mode not in SHARD_MODES:
         raise ValueError(f"mode must be one of {SHARD_MODES}, got {mode!r}")
     stream = StreamSeed(seed=seed, rank=rank, world_size=world_size, start_step=start_step)
-    stages = [shard_source(urls, mode, stream), wds.tarfile_to_samples(handler=_tar_error_handler), _decode_stage(cfg, stream)]
+    stages = [
+        shard_source(urls, mode, stream),
+        wds.tarfile_to_samples(handler=_limited_tar_error_handler(max_consecutive_skips)),
+        _decode_stage(cfg, stream, max_consecutive_skips),
+    ]
     if shuffle_buffer > 1:
         stages.append(seeded_shuffle(shuffle_buffer, stream))
     pipeline = wds.DataPipeline(*stages)

@@ -35,6 +35,8 @@ class SampleConfig:
     horizontal_flip: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_masks < 1:
+            raise ValueError(f"max_masks must be at least 1 (a sample without masks trains nothing), got {self.max_masks}")
         if self.image_size % self.mask_size != 0:
             raise ValueError(f"image_size {self.image_size} must be a multiple of mask_size {self.mask_size}")
 

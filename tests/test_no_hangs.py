@@ -1,0 +1,75 @@
+"""Inputs that once made a loader or an evaluation spin forever now fail or are skipped; every test
+runs under an alarm, so a hang fails the test instead of stalling the suite."""
+
+import json
+import signal
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+
+from segany_train.data.pipeline import NoUsableSamples, training_pipeline
+from segany_train.data.training_sample import SampleConfig
+from tests.shards import make_image, record_for, write_shards
+
+SMALL = SampleConfig(image_size=64, mask_size=16)
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fails the test (TimeoutError) when the block runs longer than `seconds`."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def bad_jpeg_shard(path: Path, count: int = 3) -> Path:
+    """A shard whose samples all have a valid record and bytes that are not a JPEG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            image, masks = make_image(i)
+            for name, data in ((f"sa_{i}.jpg", b"not a jpeg"), (f"sa_{i}.json", json.dumps(record_for(i, image, masks)).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, BytesIO(data))
+    return path
+
+
+def test_a_training_stream_of_only_bad_samples_fails_naming_the_shards(tmp_path):
+    shard = bad_jpeg_shard(tmp_path / "bad" / "sa_000000.tar")
+    stream = training_pipeline([str(shard)], SMALL, samples_per_worker=4, max_consecutive_skips=50)
+    with deadline(20), pytest.raises(NoUsableSamples, match=r"50 in a row \(50 bad_sample\).*sa_000000\.tar"):
+        next(iter(stream))
+
+
+def test_a_corrupt_shard_stream_fails_instead_of_spinning(tmp_path):
+    shard = tmp_path / "sa_000000.tar"
+    shard.write_bytes(b"\x00garbage" * 200)
+    stream = training_pipeline([str(shard)], SMALL, samples_per_worker=4, max_consecutive_skips=20)
+    with deadline(20), pytest.raises(NoUsableSamples, match="corrupt_shard"):
+        next(iter(stream))
+
+
+def test_good_samples_between_bad_ones_keep_the_stream_going(tmp_path):
+    good = write_shards(tmp_path / "good", 2, 2)
+    bad = bad_jpeg_shard(tmp_path / "bad" / "sa_000000.tar", count=2)
+    stream = training_pipeline([str(good[0]), str(bad)], SMALL, samples_per_worker=20, max_consecutive_skips=30)
+    with deadline(30):
+        assert len(list(stream)) == 20
+
+
+def test_max_masks_zero_is_refused_at_start():
+    with pytest.raises(ValueError, match="max_masks"):
+        SampleConfig(image_size=64, mask_size=16, max_masks=0)
