@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import NoUsableSamples, training_pipeline
+from segany_train.data.sa1b import sample_key
+from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.data.training_sample import SampleConfig
-from tests.shards import make_image, record_for, write_shards
+from segany_train.evaluation.automatic import evaluate_automatic_masks
+from tests.shards import jpeg_bytes, make_image, record_for, write_shards
 
 SMALL = SampleConfig(image_size=64, mask_size=16)
 
@@ -73,3 +77,17 @@ def test_good_samples_between_bad_ones_keep_the_stream_going(tmp_path):
 def test_max_masks_zero_is_refused_at_start():
     with pytest.raises(ValueError, match="max_masks"):
         SampleConfig(image_size=64, mask_size=16, max_masks=0)
+
+
+def test_amg_evaluation_skips_and_counts_a_malformed_rle_instead_of_hanging(tmp_path, tiny_sam):
+    with SA1BShardWriter(tmp_path, max_samples_per_shard=10) as writer:
+        for i in range(2):
+            image, masks = make_image(i)
+            record = record_for(i, image, masks)
+            if i == 0:  # run lengths pycocotools' COCOeval loops on forever
+                record["annotations"][0]["segmentation"]["counts"] = "zzzz"
+            writer.write(sample_key(i), jpeg_bytes(image), record)
+    generator = SamAutomaticMaskGenerator(tiny_sam, points_per_side=2, pred_iou_thresh=0, stability_score_thresh=0)
+    with deadline(60):
+        result = evaluate_automatic_masks(generator, [str(p) for p in writer.written], progress=False)
+    assert result["images"] == 1 and result["images_skipped"] == {"bad_sample": 1}
