@@ -19,6 +19,7 @@ from segany_train.model import Sam, SamCheckpointError, build_sam_by_name
 from segany_train.model.checkpoint import load_checkpoint_file
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.lora import add_lora_to_encoder_attention
+from segany_train.model.mae import load_mae_encoder
 from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
 from segany_train.training.optim import OptimConfig
@@ -68,6 +69,11 @@ def build_model(model_cfg: DictConfig) -> Sam:
         sam = build_sam_by_name(model_cfg.name, checkpoint=checkpoint, **overrides)
     except SamCheckpointError as error:
         raise SamCheckpointError(f"{model_cfg.checkpoint}: {error}") from None
+    if model_cfg.get("mae_checkpoint") is not None:
+        if checkpoint is not None:
+            raise ValueError("model.mae_checkpoint initialises the encoder of a new model: set it or model.checkpoint, not both")
+        mae = load_checkpoint_file(Path(model_cfg.mae_checkpoint), trust=bool(model_cfg.get("trust_checkpoint", False)))
+        load_mae_encoder(sam.image_encoder, mae)
     for part in model_cfg.freeze:
         if part not in FREEZABLE:
             raise ValueError(f"model.freeze entries must be among {FREEZABLE}, got {part!r}")

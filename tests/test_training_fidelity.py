@@ -281,3 +281,73 @@ def test_launch_scripts_and_configs_name_only_trainers_that_exist():
         text = path.read_text()
         for name in re.findall(r"trainer=(\w+)", text) + re.findall(r"trainer=\w+ or (\w+)", text):
             assert name in trainers, f"{path} names trainer={name}"
+
+
+def _mae_state_dict(dim: int, depth: int, grid: int, patch: int) -> dict[str, torch.Tensor]:
+    """A small state dict in the MAE repository's layout (pre-training checkpoint, decoder included)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    sd = {
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, 1 + grid * grid, dim),
+        "patch_embed.proj.weight": r(dim, 3, patch, patch),
+        "patch_embed.proj.bias": r(dim),
+        "norm.weight": r(dim), "norm.bias": r(dim),
+        "mask_token": r(1, 1, 16), "decoder_embed.weight": r(16, dim), "decoder_pred.bias": r(3 * patch * patch),
+    }  # fmt: skip
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd |= {
+            b + "norm1.weight": r(dim), b + "norm1.bias": r(dim), b + "norm2.weight": r(dim), b + "norm2.bias": r(dim),
+            b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
+            b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+            b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
+            b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim),
+        }  # fmt: skip
+    return sd
+
+
+def test_an_mae_vit_checkpoint_initialises_the_image_encoder(tmp_path):
+    import torch.nn.functional as F
+
+    from segany_train.model import build_sam
+    from segany_train.model.mae import load_mae_encoder
+    from tests.conftest import TINY
+
+    sam = build_sam(TINY)  # 128 px, patch 16: an 8x8 grid; MAE was pre-trained at 224 px (14x14)
+    encoder = sam.image_encoder
+    rel_before = {k: v.clone() for k, v in encoder.state_dict().items() if "rel_pos" in k or k.startswith("neck")}
+    mae = _mae_state_dict(dim=32, depth=2, grid=14, patch=16)
+    left = load_mae_encoder(encoder, {"model": mae})
+    assert set(left) == set(rel_before)  # relative-position tables and the neck stay at their init
+    for k, v in rel_before.items():
+        assert torch.equal(encoder.state_dict()[k], v)
+    torch.testing.assert_close(encoder.blocks[1].mlp.lin2.weight, mae["blocks.1.mlp.fc2.weight"])
+    torch.testing.assert_close(encoder.blocks[0].attn.qkv.bias, mae["blocks.0.attn.qkv.bias"])
+    torch.testing.assert_close(encoder.patch_embed.proj.weight, mae["patch_embed.proj.weight"])
+    # the cls token's entry is dropped, the 14x14 grid resampled to 8x8
+    grid = mae["pos_embed"][:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(encoder.pos_embed.data, expected)
+    # a ViT of another width fails with one line naming a key and both shapes
+    import pytest
+
+    with pytest.raises(ValueError, match=r"^MAE checkpoint \S+: shape \(.*48\), the encoder.s is"):
+        load_mae_encoder(encoder, _mae_state_dict(dim=48, depth=2, grid=14, patch=16))
+    # from the training config: model.mae_checkpoint
+    torch.save({"model": mae}, tmp_path / "mae.pth")
+    from omegaconf import OmegaConf
+
+    from segany_train.train import build_model
+
+    cfg = OmegaConf.create({
+        "name": "vit_t_256", "overrides": {"image_size": 128, "encoder_embed_dim": 32, "encoder_depth": 2,
+        "encoder_num_heads": 2, "encoder_global_attn_indexes": [1]}, "checkpoint": None,
+        "mae_checkpoint": str(tmp_path / "mae.pth"), "freeze": [], "lora_rank": 0, "lora_alpha": 1.0,
+        "drop_path": 0.0, "tied_cross_attention_init": 0.0,
+    })  # fmt: skip
+    built = build_model(cfg)
+    torch.testing.assert_close(built.image_encoder.blocks[1].mlp.lin2.weight, mae["blocks.1.mlp.fc2.weight"])
