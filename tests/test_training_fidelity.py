@@ -351,3 +351,28 @@ def test_an_mae_vit_checkpoint_initialises_the_image_encoder(tmp_path):
     })  # fmt: skip
     built = build_model(cfg)
     torch.testing.assert_close(built.image_encoder.blocks[1].mlp.lin2.weight, mae["blocks.1.mlp.fc2.weight"])
+
+
+def test_coco_ap_max_dets_is_a_parameter():
+    import numpy as np
+    import pytest
+
+    from segany_train.data.sa1b import annotation_from_mask, make_record
+    from segany_train.evaluation.coco_ap import STAT_NAMES, coco_mask_ap
+
+    masks = []
+    for i in range(5):  # five disjoint 12x12 squares, all found exactly
+        m = np.zeros((64, 64), bool)
+        m[2 + 12 * i : 14 + 12 * i, 4:16] = True
+        masks.append(m)
+    record = make_record(image_id=0, width=64, height=64, file_name="x.jpg",
+                         annotations=[annotation_from_mask(m, annotation_id=i) for i, m in enumerate(masks)])  # fmt: skip
+    preds = [{"segmentation": m, "predicted_iou": 1.0 - 0.1 * i} for i, m in enumerate(masks)]
+    default = coco_mask_ap([record], [preds])
+    assert list(default) == list(STAT_NAMES) and default["AP"] == pytest.approx(1.0)
+    capped = coco_mask_ap([record], [preds], max_dets=(1, 2, 3))
+    assert list(capped)[6:9] == ["AR@1", "AR@2", "AR@3"]
+    assert capped["AR@3"] == pytest.approx(3 / 5) and capped["AR@2"] == pytest.approx(2 / 5)
+    assert capped["AP"] == pytest.approx(61 / 101)  # precision 1 up to recall 0.6 (61 of 101 recall points)
+    with pytest.raises(ValueError, match="max_dets"):
+        coco_mask_ap([record], [preds], max_dets=(10, 1, 100))

@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 OBJECT_CATEGORY = 1
-# COCOeval.stats in order; AP and the size-range stats count the 100 best-scored masks per image
-# (COCOeval's default limits, which its summary hard-codes for the first AP: kept as they are)
+# COCOeval.stats in order, with COCOeval's default limits (1, 10, 100): AP and the size-range stats
+# count the max_dets[2] best-scored masks per image, AR@k the k best
 STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
     "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large",
@@ -70,14 +70,22 @@ def _annotation(rle: dict[str, Any], ann_id: int, image_id: int, **extra: Any) -
 def coco_mask_ap(
     gt_records: Sequence[dict[str, Any]],
     predictions: Sequence[Sequence[dict[str, Any]]],
+    *,
+    max_dets: tuple[int, int, int] = (1, 10, 100),
 ) -> dict[str, float]:
-    """The twelve COCO segm stats, by name (`STAT_NAMES`), of predicted masks against GT.
+    """The twelve COCO segm stats, by name (`STAT_NAMES`, with AR@k for the k of `max_dets`), of
+    predicted masks against GT.
+
+    max_dets: COCOeval's maxDets, ascending; AP counts the max_dets[2] best-scored masks per image.
+    COCO's 100 cuts SA-1B-like images (about 100 GT masks, more predictions) short: raise it there.
 
     gt_records: one SA-1B record per image ({"image": {height, width, ...}, "annotations": [...]}).
     predictions[i]: image i's masks, each a dict with "segmentation" (see `to_coco_rle`) and
     "predicted_iou" (the score), as `SamAutomaticMaskGenerator.generate` returns them. A stat with
     no GT in its range is -1, as COCOeval reports it.
     """
+    if len(max_dets) != 3 or list(max_dets) != sorted(max_dets) or min(max_dets) < 1:
+        raise ValueError(f"max_dets must be three ascending positive counts, got {tuple(max_dets)}")
     if len(gt_records) != len(predictions):
         raise ValueError(f"{len(gt_records)} GT records but predictions for {len(predictions)} images")
     images = _image_entries(gt_records)
@@ -92,8 +100,16 @@ def coco_mask_ap(
                 raise ValueError(f"image {i}: a predicted mask is {rle['size']} but the image is {size}")
             dt_anns.append(_annotation(rle, len(dt_anns) + 1, i, score=float(mask["predicted_iou"])))
     evaluator = COCOeval(_coco(images, gt_anns), _coco(images, dt_anns), iouType="segm")
+    evaluator.params.maxDets = [int(k) for k in max_dets]
     with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its tables
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
+    stats = [float(v) for v in evaluator.stats]
+    # COCOeval's summary computes the first AP at maxDets=100 whatever params.maxDets says (-1 when
+    # 100 is not among them): all areas, all IoU thresholds, at max_dets[2] instead
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # T x R x K, all areas, the largest maxDets
+    valid = precision[precision > -1]
+    stats[0] = float(valid.mean()) if valid.size else -1.0
+    names = STAT_NAMES[:6] + tuple(f"AR@{k}" for k in max_dets) + STAT_NAMES[9:]
+    return dict(zip(names, stats))
