@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segany_train.data.datamodule import SA1BDataModule
 from segany_train.data.training_sample import SampleConfig
-from segany_train.model import Sam, SamCheckpointError, build_sam_by_name
+from segany_train.model import Sam, SamCheckpointError, SamConfig, build_sam_by_name
+from segany_train.model.sam_config import describe_size
 from segany_train.model.checkpoint import load_checkpoint_file
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.lora import add_lora_to_encoder_attention
@@ -138,7 +139,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="csv", version=0)
+        # each launch its own csv/version_<n>/metrics.csv: Lightning rewrites an existing one on resume
+        return CSVLogger(save_dir=str(run_dir), name="csv")
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -161,13 +163,37 @@ def _resume_path(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path) -> str | 
     return str(max(existing, key=lambda p: p.stat().st_mtime_ns)) if existing else None
 
 
+class IncompatibleRun(ValueError):
+    """The run directory holds a run of another model than the config builds."""
+
+
+def check_resumable(checkpoint: Path, sam: Sam) -> None:
+    """IncompatibleRun when `checkpoint` (a run's own, to resume from) was trained with another SAM
+    architecture than `sam`'s. Only the hyper-parameters are read (the tensors are memory-mapped)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {}).get("sam")
+    if not saved:
+        return
+    found = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    expected = sam.config
+    if replace(found, encoder_drop_path_rate=expected.encoder_drop_path_rate) != expected:
+        raise IncompatibleRun(
+            f"{checkpoint} is a run of {describe_size(found)} but the config builds {describe_size(expected)}; "
+            "use another run_dir for another model"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains as configured; returns the final logged metrics. Re-running the same config resumes."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
+    sam = build_model(cfg.model)
+    checkpoint_dir = run_dir / "checkpoints"
+    fast = bool(cfg.trainer.fast_dev_run)
+    resume = None if fast else _resume_path(cfg, run_dir, checkpoint_dir)
+    if resume is not None:
+        check_resumable(Path(resume), sam)  # before anything in the run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    sam = build_model(cfg.model)
     module = SamTrainingModule(
         sam,
         optim=optim_config(cfg),
@@ -177,8 +203,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         overlay_every_n_steps=cfg.logger.log_images_every_n_steps,
     )
     datamodule = build_datamodule(cfg, sam)
-    checkpoint_dir = run_dir / "checkpoints"
-    fast = bool(cfg.trainer.fast_dev_run)
     callbacks = [] if fast else [
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True)
     ]
@@ -194,7 +218,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks=callbacks,
         enable_progress_bar=bool(cfg.callbacks.progress_bar),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=None if fast else _resume_path(cfg, run_dir, checkpoint_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
@@ -202,7 +226,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         metrics = train(cfg)
-    except (SamCheckpointError, FileNotFoundError) as error:
+    except (SamCheckpointError, FileNotFoundError, IncompatibleRun) as error:
         sys.exit(f"segany-train: error: {error}")
     for key in sorted(metrics):
         if key.startswith("val/"):
