@@ -376,3 +376,27 @@ def test_coco_ap_max_dets_is_a_parameter():
     assert capped["AP"] == pytest.approx(61 / 101)  # precision 1 up to recall 0.6 (61 of 101 recall points)
     with pytest.raises(ValueError, match="max_dets"):
         coco_mask_ap([record], [preds], max_dets=(10, 1, 100))
+
+
+def test_high_resolution_supervision_upsamples_the_logits_to_the_gt(tiny_sam):
+    # data.mask_size above the decoder's low-res frame: GT at 64x64 for a 32x32 decoder output
+    import torch.nn.functional as F
+
+    gt = _gt_masks(side=32).repeat_interleave(2, 1).repeat_interleave(2, 2)  # 6 x 64 x 64
+    embeddings = torch.randn(2, 32, 8, 8)
+    image_index = torch.tensor([0, 0, 0, 1, 1, 1])
+    seen = []
+    cfg = RolloutConfig(num_iterations=3, num_correction_clicks=1, gt_mask_prompt_probability=0.5)
+    run_rollout(tiny_sam, embeddings, gt, image_index, cfg, seen.append, torch.Generator().manual_seed(1))
+    assert [o.logits.shape[-2:] for o in seen] == [(64, 64)] * 3
+    first = seen[0]
+    for i in range(6):
+        if (first.point_labels[i] >= 0).any():  # point- or box-prompted: decode it alone at low res
+            low, _ = tiny_sam.decode(embeddings, image_index=image_index[i : i + 1], point_coords=first.point_coords[i : i + 1],
+                                     point_labels=first.point_labels[i : i + 1],
+                                     multimask_output=bool((first.point_labels[i] >= 0).sum() == 1))  # fmt: skip
+            up = F.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(first.logits[i], up[0].expand(3, -1, -1), atol=1e-4, rtol=1e-4)
+    from segany_train.training.losses import LossWeights, sam_loss
+
+    assert torch.isfinite(sam_loss(seen[-1].logits, seen[-1].iou_pred, gt, LossWeights()).total)

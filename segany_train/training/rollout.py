@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.nn import functional as F
 
 from segany_train.model import IGNORE_LABEL, Sam
 from segany_train.model.prompt_encoder import NOT_A_POINT
@@ -96,7 +97,11 @@ def run_rollout(
     *,
     valid: torch.Tensor | None = None,
 ) -> None:
-    """Runs the rollout for N GT masks (NxMxM bool at the decoder's low-res size) on B embeddings.
+    """Runs the rollout for N GT masks (NxMxM bool) on B embeddings.
+
+    M is the decoder's low-res size, or larger for high-resolution supervision (`data.mask_size`):
+    the logits are then upsampled bilinearly to MxM for the loss and the clicks, while the low-res
+    logits are what is fed back as the next mask prompt.
 
     `on_iteration` receives each iteration's outputs (with gradients) as soon as they exist, so a
     caller can compute and backpropagate the loss before the next iteration builds its graph.
@@ -129,6 +134,8 @@ def run_rollout(
     mask_input: torch.Tensor | None = None
     if cfg.gt_mask_prompt_probability > 0:
         gt_logits = (gt.to(embeddings.dtype) * 2 - 1)[:, None] * 10.0  # a confident mask prompt
+        if gt_logits.shape[-2:] != sam.prompt_encoder.mask_input_size:  # high-resolution GT
+            gt_logits = F.interpolate(gt_logits, size=sam.prompt_encoder.mask_input_size, mode="bilinear", align_corners=False)
         mask_input = torch.where(use_gt_mask.view(-1, 1, 1, 1), gt_logits, torch.zeros_like(gt_logits))
     has_mask = use_gt_mask.clone()
     previous_mask = torch.zeros_like(gt)  # the prediction the next click corrects
@@ -141,17 +148,21 @@ def run_rollout(
         coords, labels = _prompt_tokens(points, use_box, use_gt_mask, corner_coords, corner_labels, clicks, click_labels)
         # a single point is ambiguous: 3 outputs; anything more decides the object: 1 output
         single_point = (labels >= 0).sum(1) == 1
-        logits, iou_pred = _decode(sam, embeddings, image_index, coords, labels, mask_input, has_mask, single_point)
+        low_res, iou_pred = _decode(sam, embeddings, image_index, coords, labels, mask_input, has_mask, single_point)
+        logits = low_res
+        if gt.shape[-2:] != low_res.shape[-2:]:  # high-resolution supervision
+            logits = F.interpolate(low_res, size=gt.shape[-2:], mode="bilinear", align_corners=False)
         on_iteration(IterationOutput(logits, iou_pred, step, 1 + clicks.shape[1], coords, labels))
         best = iou_pred.detach().argmax(dim=1)
-        chosen = logits.detach()[torch.arange(n, device=device), best]  # N x h x w
-        previous_mask = chosen > sam.mask_threshold
+        rows = torch.arange(n, device=device)
+        previous_mask = logits.detach()[rows, best] > sam.mask_threshold  # N x M x M
         if valid is not None:
             previous_mask &= valid
         if cfg.mask_feedback:
             # in the embeddings' dtype, as the GT-mask prompt: the decoder's outputs may be bf16
             # (autocast) while the prompt encoder's weights are fp32
-            mask_input, has_mask = chosen[:, None].to(embeddings.dtype), torch.ones(n, dtype=torch.bool, device=device)
+            chosen = low_res.detach()[rows, best, None]  # N x 1 x h x w
+            mask_input, has_mask = chosen.to(embeddings.dtype), torch.ones(n, dtype=torch.bool, device=device)
 
 
 class ClickIoU(NamedTuple):
