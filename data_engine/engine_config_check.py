@@ -23,8 +23,9 @@ def check_engine_config(cfg: DictConfig) -> None:
     """EngineConfigError naming the first value of `cfg` that cannot work."""
     _at_least(cfg, "stage1.rounds", 0)
     _at_least(cfg, "stage2.rounds", 0)
-    for key in ("stage1.train_steps", "stage2.train_steps", "stage3.train_steps", "stage3.generator.points_per_side"):
+    for key in ("stage1.train_steps", "stage2.train_steps", "stage3.generator.points_per_side"):
         _at_least(cfg, key, 1)
+    _at_least(cfg, "stage3.train_steps", 0)  # 0: no final retrain
     target = cfg.annotator.target_iou
     if not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise EngineConfigError(f"annotator.target_iou must be in (0, 1], got {target}")
