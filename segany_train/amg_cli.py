@@ -35,7 +35,7 @@ from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1
 from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter
+from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
 from segany_train.evaluation.automatic import decode_record_image
 from segany_train.inference_options import add_generator_arguments, add_model_arguments, generator_kwargs, load_model
 from segany_train.mask_overlay import render_overlay
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
             except BadSample as error:
                 counts["unreadable"] += 1
                 tqdm.write(f"segany-amg: warning: skipped {item.path or item.stem}: {error}", file=sys.stderr)
+    if writer:  # a shorter rerun: the shards of the longer one are not this run's output
+        keep_only_shards(args.shards_out, writer.written)
     counts["unreadable"] += sum(SkipLog.take().values())  # samples the shard reader could not parse
     summary = ", ".join(f"{counts[k]} {k}" for k in ("done now", "done before", "unreadable"))
     print(f"segany-amg: {sum(counts.values())} images: {summary}; outputs in {args.out}")

@@ -8,6 +8,9 @@ import pytest
 from PIL import Image
 
 from segany_train import amg_cli
+from segany_train.data import synthetic
+from segany_train.data.datamodule import count_samples
+from segany_train.data.shard_writer import read_manifest
 from tests.shards import make_image, write_shards
 
 MODEL = ["--model-type", "vit_t_256_small_decoder", "--no-progress", "--points-per-side", "2"]
@@ -43,3 +46,23 @@ def test_amg_refuses_shards_out_over_its_input_shards(tmp_path):
         amg_cli.main([pattern, "--out", str(tmp_path / "masks"), "--shards-out", str(tmp_path / "x" / ".." / "shards"), *MODEL])
     assert exit_.value.code != 0 and "input" in str(exit_.value.code)
     assert snapshot(tmp_path / "shards") == before
+
+
+def test_synth_refuses_fewer_images_than_its_directory_holds(tmp_path):
+    argv = ["--out", str(tmp_path / "corpus"), "--size", "64", "--images-per-shard", "2", "--no-progress"]
+    synthetic.main([*argv, "--num-images", "6"])
+    before = snapshot(tmp_path / "corpus")
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main([*argv, "--num-images", "3"])
+    assert "6 images" in str(exit_.value.code)
+    assert snapshot(tmp_path / "corpus") == before
+
+
+def test_a_shorter_amg_rerun_leaves_exactly_its_own_shards(tmp_path):
+    many, few = image_folder(tmp_path / "many", 4), image_folder(tmp_path / "few", 2)
+    shards = tmp_path / "shards"
+    for source in (many, few):
+        amg_cli.main([str(source), "--out", str(tmp_path / "masks"), "--shards-out", str(shards), "--images-per-shard", "1", *MODEL])
+    assert sorted(p.name for p in shards.glob("*.tar")) == ["sa_000000.tar", "sa_000001.tar"]
+    assert read_manifest(shards)["total_samples"] == 2
+    assert count_samples([str(p) for p in shards.glob("*.tar")]) == 2

@@ -71,6 +71,21 @@ def record_shard(directory: str | Path, shard_name: str, samples: int, masks: in
         write_manifest(directory, shards)
 
 
+def keep_only_shards(directory: str | Path, keep: list[Path]) -> None:
+    """Removes the shards the directory's manifest lists but `keep` does not name, files and entries,
+    under the manifest lock: what a shorter rerun into the same directory leaves behind."""
+    names = {Path(p).name for p in keep}
+    with directory_mutex(directory):
+        shards = read_manifest(directory)["shards"]
+        stale = [name for name in shards if name not in names]
+        if not stale:
+            return
+        for name in stale:
+            (Path(directory) / name).unlink(missing_ok=True)
+            del shards[name]
+        write_manifest(directory, shards)
+
+
 class SA1BShardWriter:
     """Writes samples into `prefix000000.tar`, `prefix000001.tar`, ... in `directory`.
 

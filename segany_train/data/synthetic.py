@@ -25,6 +25,7 @@ the same pixels, JPEG bytes and JSON. Command line: `python -m segany_train.data
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Mapping
 from functools import lru_cache
@@ -339,7 +340,8 @@ def _write_corpus(
         for shard, first in enumerate(range(0, num_images, images_per_shard)):
             stop = min(first + images_per_shard, num_images)
             path = directory / f"{SHARD_PREFIX}{shard:06d}{SHARD_SUFFIX}"
-            if path.exists() and done.get(path.name, {}).get("samples") == stop - first:
+            # a shard holding more images than asked is kept whole: configs share a corpus as a prefix
+            if path.exists() and done.get(path.name, {}).get("samples", 0) >= stop - first:
                 paths.append(path)
                 bar.update(stop - first)
                 continue
@@ -382,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--style", choices=STYLES, default="textured", help="colour style (see the module docstring)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    held = read_manifest(args.out).get("total_samples", 0)
+    if held > args.num_images:  # the command writes exactly its --num-images, and deletes nothing
+        sys.exit(f"segany-synth: error: {args.out} holds {held} images, more than --num-images {args.num_images}; use another --out")
     start = time.perf_counter()
     paths = write_synthetic_corpus(
         args.out,
