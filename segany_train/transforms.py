@@ -18,7 +18,8 @@ class ResizeLongestSide:
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
         scale = long_side_length * 1.0 / max(oldh, oldw)
         newh, neww = oldh * scale, oldw * scale
-        return int(newh + 0.5), int(neww + 0.5)
+        # at least one pixel: a 3x2000 image at 1024 px would otherwise be 0 pixels high
+        return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HxWxC uint8 -> resized uint8 (PIL bilinear, as the official torchvision-on-PIL path)."""
