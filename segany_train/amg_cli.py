@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.data.datamodule import count_samples
+from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
@@ -120,11 +121,11 @@ def load_pixels(item: InputImage) -> None:
         item.pixels = decode_record_image(item.jpeg, item.record)
         return
     try:
-        with Image.open(item.path) as img:
-            item.pixels = np.asarray(img.convert("RGB"))
-            item.jpeg = item.path.read_bytes() if img.format == "JPEG" else None
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise BadSample(f"unreadable image: {type(error).__name__}: {error}") from None
+        data = item.path.read_bytes()
+    except OSError as error:
+        raise BadSample(f"unreadable image: {error}") from None
+    loaded = load_image(data)
+    item.pixels, item.jpeg = loaded.pixels, data if loaded.format == "JPEG" else None
 
 
 def jpeg_bytes(item: InputImage) -> bytes:

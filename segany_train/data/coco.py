@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.sa1b import (
     SHARD_SUFFIX,
@@ -80,15 +81,14 @@ def _read_jpeg(path: Path, width: int, height: int) -> bytes:
     except OSError as error:
         raise _Skip("missing_image", f"cannot read image {path}: {error}") from None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # catches truncated files, which `open` alone does not
-            size, is_jpeg = img.size, img.format == "JPEG"
-            if not is_jpeg:
-                out = io.BytesIO()
-                img.convert("RGB").save(out, format="JPEG", quality=JPEG_QUALITY)
-                data = out.getvalue()
-    except Exception as error:  # PIL raises many types for corrupt data
-        raise _Skip("undecodable_image", f"cannot decode image {path}: {type(error).__name__}: {error}") from None
+        loaded = load_image(data)
+    except BadSample as error:
+        raise _Skip("undecodable_image", f"cannot decode image {path}: {error}") from None
+    size = (loaded.pixels.shape[1], loaded.pixels.shape[0])
+    if loaded.format != "JPEG":
+        out = io.BytesIO()
+        Image.fromarray(loaded.pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
+        data = out.getvalue()
     if size != (width, height):  # the masks would not line up with the pixels
         raise _Skip("image_size_mismatch", f"image {path} is {size[0]}x{size[1]}, COCO says {width}x{height}")
     return data
