@@ -78,10 +78,16 @@ def test_predictor_on_cuda_matches_cpu(tiny_sam):
         {"point_coords": np.array([[30, 40], [70, 50]]), "point_labels": np.array([1, 0]), "box": np.array([5, 5, 90, 80])},
     ]
     outputs = {}
-    for device in ("cpu", "cuda"):
-        predictor = SamPredictor(tiny_sam.to(device))
-        predictor.set_image(image)
-        outputs[device] = [predictor.predict(**p, return_logits=True) for p in prompts]
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # full fp32 on the GPU (no TF32 matmuls or convolutions): what remains is kernel rounding
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for device in ("cpu", "cuda"):
+            predictor = SamPredictor(tiny_sam.to(device))
+            predictor.set_image(image)
+            outputs[device] = [predictor.predict(**p, return_logits=True) for p in prompts]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     for cpu, cuda in zip(outputs["cpu"], outputs["cuda"]):
         for a, b in zip(cpu, cuda):
-            np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-3)  # TF32/cuDNN vs CPU kernels
+            np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-3)
