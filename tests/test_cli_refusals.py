@@ -3,13 +3,13 @@ unusable values, outputs that cannot be written."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from segany_train import amg_cli
 from segany_train.data import synthetic
 from segany_train.data.datamodule import count_samples
+from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.shard_writer import read_manifest
 from tests.shards import make_image, write_shards
 
@@ -66,3 +66,11 @@ def test_a_shorter_amg_rerun_leaves_exactly_its_own_shards(tmp_path):
     assert sorted(p.name for p in shards.glob("*.tar")) == ["sa_000000.tar", "sa_000001.tar"]
     assert read_manifest(shards)["total_samples"] == 2
     assert count_samples([str(p) for p in shards.glob("*.tar")]) == 2
+
+
+def test_a_brace_range_naming_missing_shards_is_an_error_listing_them(tmp_path):
+    write_shards(tmp_path, 4, 2)  # sa_000000.tar and sa_000001.tar
+    with pytest.raises(FileNotFoundError, match=r"sa_000002\.tar.*sa_000003\.tar"):
+        expand_shard_patterns(str(tmp_path / "sa_{000000..000003}.tar"))
+    assert len(expand_shard_patterns(str(tmp_path / "sa_{000000..000001}.tar"))) == 2
+    assert len(expand_shard_patterns(str(tmp_path / "sa_00000[0-9].tar"))) == 2  # a glob may match fewer

@@ -29,10 +29,13 @@ class SkippedSampleWarning(UserWarning):
 
 
 def expand_shard_patterns(patterns: str | list[str]) -> list[str]:
-    """Brace patterns, globs and paths -> shard list. A pattern matching nothing fails, naming it."""
+    """Brace patterns, globs and paths -> shard list. A pattern matching nothing fails, naming it; a
+    path a brace range names that does not exist fails, listing the missing ones (a glob may match
+    fewer files, a range names each of its files)."""
     urls: list[str] = []
     for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
         matched: list[str] = []
+        missing: list[str] = []
         for item in braceexpand.braceexpand(str(pattern)):
             if "://" in item or item.startswith("pipe:"):
                 matched.append(item)
@@ -40,8 +43,13 @@ def expand_shard_patterns(patterns: str | list[str]) -> list[str]:
                 matched.extend(sorted(glob.glob(item)))
             elif os.path.exists(item):
                 matched.append(item)
+            else:
+                missing.append(item)
         if not matched:
             raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
+        if missing:
+            listed = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise FileNotFoundError(f"shard pattern {pattern!r} names {len(missing)} missing files: {listed}")
         urls.extend(matched)
     return urls
 
