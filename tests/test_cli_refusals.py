@@ -1,15 +1,17 @@
 """What the commands refuse before doing any work: outputs that would overwrite their inputs,
 unusable values, outputs that cannot be written."""
 
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from segany_train import amg_cli
-from segany_train.data import synthetic
+from segany_train.data import coco, synthetic
 from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.data.sa1b import annotation_from_mask
 from segany_train.data.shard_writer import read_manifest
 from tests.shards import make_image, write_shards
 
@@ -74,3 +76,55 @@ def test_a_brace_range_naming_missing_shards_is_an_error_listing_them(tmp_path):
         expand_shard_patterns(str(tmp_path / "sa_{000000..000003}.tar"))
     assert len(expand_shard_patterns(str(tmp_path / "sa_{000000..000001}.tar"))) == 2
     assert len(expand_shard_patterns(str(tmp_path / "sa_00000[0-9].tar"))) == 2  # a glob may match fewer
+
+
+def coco_json(tmp_path: Path, images: Path) -> Path:
+    image, masks = make_image(0)
+    images.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(images / "a.png")
+    rle = annotation_from_mask(masks[0], annotation_id=1)
+    dataset = {
+        "images": [{"id": 1, "file_name": "a.png", "width": image.shape[1], "height": image.shape[0]}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle["segmentation"], "area": rle["area"], "bbox": rle["bbox"], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "object"}],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(dataset))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_images", "empty_json", "not_coco", "missing_json"])
+def test_coco_to_shards_that_would_write_nothing_exits_non_zero_saying_why(tmp_path, case, capsys):
+    annotations = coco_json(tmp_path, tmp_path / "images")
+    images = tmp_path / "images"
+    if case == "missing_images":
+        images = tmp_path / "nowhere"
+    elif case == "empty_json":
+        annotations.write_text("")
+    elif case == "not_coco":
+        annotations.write_text(json.dumps({"hello": "world"}))
+    else:
+        annotations = tmp_path / "absent.json"
+    with pytest.raises(SystemExit) as exit_:
+        coco.main(["to-shards", "--annotations", str(annotations), "--images", str(images), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_.value.code not in (0, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    named = images if case == "missing_images" else annotations
+    assert str(named) in err[0]
+
+
+def test_coco_to_shards_still_converts_a_good_dataset(tmp_path, capsys):
+    annotations = coco_json(tmp_path, tmp_path / "images")
+    coco.main(["to-shards", "--annotations", str(annotations), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert read_manifest(tmp_path / "out")["total_samples"] == 1
+
+
+@pytest.mark.parametrize("content", ["empty", "text_files"])
+def test_amg_on_a_folder_without_images_exits_non_zero(tmp_path, content):
+    (tmp_path / "in").mkdir()
+    if content == "text_files":
+        (tmp_path / "in" / "notes.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), *MODEL])
+    assert "no jpg/png image" in str(exit_.value.code)

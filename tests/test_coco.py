@@ -197,8 +197,9 @@ def test_cli_round_trip_and_errors(coco_dataset, tmp_path, capsys):
         args = ["--annotations", str(annotation_file), "--images", str(images), "--out", str(shards)]
         main(["to-shards", *args, "--images-per-shard", "1", "--no-progress"])
         assert "wrote 2 images" in capsys.readouterr().out
-        with pytest.raises(FileExistsError, match="already holds shards"):
+        with pytest.raises(SystemExit):
             main(["to-shards", *args, "--no-progress"])
+        assert "already holds shards" in capsys.readouterr().err
 
     out = tmp_path / "out.json"
     main(["to-coco", "--shards", f"{shards}/sa_{{000000..000001}}.tar", "--out", str(out)])

@@ -202,6 +202,20 @@ def images_with_annotations(dataset: dict[str, Any], converter: CocoImageConvert
     return pairs
 
 
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """A COCO instances file's dict; FileNotFoundError / ValueError naming the file when it is missing,
+    not JSON, or holds no "images" and "annotations" lists."""
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        dataset = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON ({error})") from None
+    if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), list) for k in ("images", "annotations")):
+        raise ValueError(f'{path} is not a COCO instances file (it needs "images" and "annotations" lists)')
+    return dataset
+
+
 def coco_to_shards(
     annotation_file: str | Path,
     image_dir: str | Path,
@@ -224,7 +238,9 @@ def coco_to_shards(
     if out_dir.is_dir() and any(out_dir.glob(f"*{SHARD_SUFFIX}")):
         # the writer numbers shards from 0: it would overwrite some old shards and leave others behind
         raise FileExistsError(f"{out_dir} already holds shards; convert into an empty directory")
-    dataset = json.loads(Path(annotation_file).read_text())
+    if not Path(image_dir).is_dir():
+        raise FileNotFoundError(f"images directory not found: {image_dir}")
+    dataset = read_coco_json(Path(annotation_file))
     converter = CocoImageConverter(Path(image_dir), skip_crowd)
     report = ConversionReport()
     with SA1BShardWriter(out_dir, max_samples_per_shard=images_per_shard) as writer:
@@ -300,6 +316,7 @@ def shards_to_coco(
     _unique_annotation_ids(annotations)
     coco = {"images": images, "annotations": annotations, "categories": [{"id": category_id, "name": category_name}]}
     if out_file is not None:
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
         Path(out_file).write_text(json.dumps(coco))
     return coco
 
@@ -327,14 +344,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "to-shards":
-        report = coco_to_shards(
-            args.annotations,
-            args.images,
-            args.out,
-            images_per_shard=args.images_per_shard,
-            skip_crowd=not args.keep_crowd,
-            progress=not args.no_progress,
-        )
+        try:
+            report = coco_to_shards(
+                args.annotations,
+                args.images,
+                args.out,
+                images_per_shard=args.images_per_shard,
+                skip_crowd=not args.keep_crowd,
+                progress=not args.no_progress,
+            )
+        except (OSError, ValueError) as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
+        if report.images_written == 0:  # the input was not what was asked: say so, and fail
+            parser.exit(1, f"{parser.prog}: error: no image converted from {args.annotations}: {report.summary()}\n")
         print(report.summary())
         return
     try:
