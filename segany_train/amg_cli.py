@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         items, total = list_inputs(args.input)
+        if args.images_per_shard < 1:
+            raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
         if total == 0:
             raise ValueError(f"{args.input} holds no jpg/png image")
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)

@@ -1,5 +1,6 @@
 """SamAutomaticMaskGenerator: every mask of an image from a grid of point prompts (the data engine's stage 3)."""
 
+import math
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
@@ -163,6 +164,16 @@ class SamAutomaticMaskGenerator:
                 )
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {output_mode!r}")
+        thresholds = {
+            "pred_iou_thresh": pred_iou_thresh,
+            "stability_score_thresh": stability_score_thresh,
+            "stability_score_offset": stability_score_offset,
+            "box_nms_thresh": box_nms_thresh,
+            "crop_nms_thresh": crop_nms_thresh,
+        }
+        for name, value in thresholds.items():
+            if not math.isfinite(value):  # NaN compares false to everything: every mask would be dropped
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not isinstance(points_per_batch, Integral) or points_per_batch < 1:
             raise ValueError(f"points_per_batch must be a positive integer, got {points_per_batch!r}")
         if not 0 <= crop_overlap_ratio < 1:

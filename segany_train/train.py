@@ -163,12 +163,23 @@ def _resume_path(cfg: DictConfig, run_dir: Path, checkpoint_dir: Path) -> str | 
     return str(max(existing, key=lambda p: p.stat().st_mtime_ns)) if existing else None
 
 
-class IncompatibleRun(ValueError):
-    """The run directory holds a run of another model than the config builds."""
+class RunConfigError(ValueError):
+    """A run that cannot work as configured: a value out of range, or a run directory holding a run of
+    another model than the config builds."""
+
+
+def check_training_values(cfg: DictConfig) -> None:
+    """RunConfigError naming the first value that cannot work, before anything is built or written."""
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps == 0 or max_steps < -1:  # -1: Lightning's "no step limit"
+        raise RunConfigError(f"trainer.max_steps must be positive (or -1 for no limit), got {max_steps}")
+    for key in ("batch_size", "max_masks"):
+        if cfg.data[key] < 1:
+            raise RunConfigError(f"data.{key} must be at least 1, got {cfg.data[key]}")
 
 
 def check_resumable(checkpoint: Path, sam: Sam) -> None:
-    """IncompatibleRun when `checkpoint` (a run's own, to resume from) was trained with another SAM
+    """RunConfigError when `checkpoint` (a run's own, to resume from) was trained with another SAM
     architecture than `sam`'s. Only the hyper-parameters are read (the tensors are memory-mapped)."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {}).get("sam")
     if not saved:
@@ -176,7 +187,7 @@ def check_resumable(checkpoint: Path, sam: Sam) -> None:
     found = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     expected = sam.config
     if replace(found, encoder_drop_path_rate=expected.encoder_drop_path_rate) != expected:
-        raise IncompatibleRun(
+        raise RunConfigError(
             f"{checkpoint} is a run of {describe_size(found)} but the config builds {describe_size(expected)}; "
             "use another run_dir for another model"
         )
@@ -184,6 +195,7 @@ def check_resumable(checkpoint: Path, sam: Sam) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains as configured; returns the final logged metrics. Re-running the same config resumes."""
+    check_training_values(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     sam = build_model(cfg.model)
@@ -226,7 +238,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         metrics = train(cfg)
-    except (SamCheckpointError, FileNotFoundError, IncompatibleRun) as error:
+    except (SamCheckpointError, FileNotFoundError, RunConfigError) as error:
         sys.exit(f"segany-train: error: {error}")
     for key in sorted(metrics):
         if key.startswith("val/"):

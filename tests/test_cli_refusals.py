@@ -2,6 +2,9 @@
 unusable values, outputs that cannot be written."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.sa1b import annotation_from_mask
 from segany_train.data.shard_writer import read_manifest
+from tests.conftest import tiny_training_overrides
 from tests.shards import make_image, write_shards
 
 MODEL = ["--model-type", "vit_t_256_small_decoder", "--no-progress", "--points-per-side", "2"]
@@ -128,3 +132,35 @@ def test_amg_on_a_folder_without_images_exits_non_zero(tmp_path, content):
     with pytest.raises(SystemExit) as exit_:
         amg_cli.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), *MODEL])
     assert "no jpg/png image" in str(exit_.value.code)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--pred-iou-thresh", "nan"), ("--stability-score-thresh", "nan"), ("--box-nms-thresh", "inf"), ("--points-per-side", "0"), ("--images-per-shard", "0")],
+)
+def test_amg_refuses_values_that_cannot_work_before_any_work(tmp_path, option, value):
+    photos = image_folder(tmp_path / "photos", 1)
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main([str(photos), "--out", str(tmp_path / "out"), "--shards-out", str(tmp_path / "shards"), *MODEL, option, value])
+    assert option in str(exit_.value.code) or option.lstrip("-").replace("-", "_") in str(exit_.value.code)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--num-images", "-5"), ("--images-per-shard", "0"), ("--size", "0")])
+def test_synth_refuses_values_that_cannot_work(tmp_path, option, value):
+    argv = ["--out", str(tmp_path / "corpus"), "--num-images", "4", "--size", "64", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main([*argv, option, value])
+    assert option.lstrip("-").replace("-", "_") in str(exit_.value.code)
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_train_refuses_zero_max_steps_before_any_work(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "segany_train.train", *tiny_training_overrides(tmp_path / "corpus"), "trainer.max_steps=0",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "max_steps" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "run" / "config.yaml").exists()

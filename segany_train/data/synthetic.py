@@ -325,6 +325,8 @@ def write_synthetic_corpus(
     settings = SceneSettings(**scene)
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be positive, got {images_per_shard}")
+    if num_images < 1:
+        raise ValueError(f"num_images must be positive, got {num_images}")
     with lock_directory(directory, wait=True):
         return _write_corpus(Path(directory), num_images, seed, images_per_shard, settings, progress)
 
@@ -385,22 +387,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     held = read_manifest(args.out).get("total_samples", 0)
-    if held > args.num_images:  # the command writes exactly its --num-images, and deletes nothing
+    if 0 < args.num_images < held:  # the command writes exactly its --num-images, and deletes nothing
         sys.exit(f"segany-synth: error: {args.out} holds {held} images, more than --num-images {args.num_images}; use another --out")
     start = time.perf_counter()
-    paths = write_synthetic_corpus(
-        args.out,
-        num_images=args.num_images,
-        seed=args.seed,
-        size=args.size,
-        images_per_shard=args.images_per_shard,
-        min_objects=args.min_objects,
-        max_objects=args.max_objects,
-        min_radius=args.min_radius,
-        max_radius=args.max_radius,
-        style=args.style,
-        progress=not args.no_progress,
-    )
+    try:
+        paths = write_synthetic_corpus(
+            args.out,
+            num_images=args.num_images,
+            seed=args.seed,
+            size=args.size,
+            images_per_shard=args.images_per_shard,
+            min_objects=args.min_objects,
+            max_objects=args.max_objects,
+            min_radius=args.min_radius,
+            max_radius=args.max_radius,
+            style=args.style,
+            progress=not args.no_progress,
+        )
+    except ValueError as error:
+        sys.exit(f"segany-synth: error: {error}")
     print(f"{args.num_images} images in {len(paths)} shards in {args.out} ({time.perf_counter() - start:.1f} s)")
 
 
