@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from segany_train.inference_options import build_model
 from segany_train.model import SamCheckpointError, build_sam, build_sam_from_checkpoint
@@ -47,7 +49,10 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path):
 @pytest.mark.parametrize("cli", ["segany_train.amg_cli", "segany_train.onnx_export"])
 def test_clis_refuse_malicious_checkpoint_in_one_line(tmp_path, cli):
     path, marker = malicious_checkpoint(tmp_path)
-    args = [str(tmp_path), "--out", str(tmp_path / "out")] if cli.endswith("amg_cli") else ["--output", str(tmp_path / "m.onnx")]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "a.png")
+    args = [str(photos), "--out", str(tmp_path / "out")] if cli.endswith("amg_cli") else ["--output", str(tmp_path / "m.onnx")]
     run = subprocess.run(
         [sys.executable, "-m", cli, *args, "--checkpoint", str(path)],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -97,6 +102,7 @@ def test_unreadable_checkpoints_give_one_error_naming_the_file(tmp_path):
 @pytest.mark.parametrize("kind", ["empty", "random", "truncated"])
 def test_amg_and_eval_report_unreadable_checkpoint_in_one_line(tmp_path, kind):
     path = bad_files(tmp_path)[kind]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     shards = str(write_shards(tmp_path / "shards", 1, 1)[0])
     for args in (
         ["-m", "segany_train.amg_cli", str(tmp_path), "--out", str(tmp_path / "out")],
