@@ -38,7 +38,13 @@ from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_reco
 from segany_train.data.sa1b import BadSample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
 from segany_train.evaluation.automatic import decode_record_image
-from segany_train.inference_options import add_generator_arguments, add_model_arguments, generator_kwargs, load_model
+from segany_train.inference_options import (
+    add_generator_arguments,
+    add_model_arguments,
+    generator_kwargs,
+    load_model,
+    prepare_output_directory,
+)
 from segany_train.mask_overlay import render_overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -196,9 +202,12 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.input} holds no jpg/png image")
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
         generator = SamAutomaticMaskGenerator(load_model(args), output_mode="coco_rle", **generator_kwargs(args))
+        # last: a value refused above leaves no directory behind
+        if args.shards_out:
+            prepare_output_directory(args.shards_out, "--shards-out")
+        prepare_output_directory(args.out, "--out")
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")
-    args.out.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
     SkipLog.take()  # forget skips of earlier readers in this process
     with ExitStack() as stack:

@@ -2,6 +2,7 @@
 run and the automatic mask generator's settings (the official generator's keyword arguments)."""
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,15 @@ def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
 def generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The generator keyword arguments the options set."""
     return {name: getattr(args, name) for name in GENERATOR_DEFAULTS}
+
+
+def prepare_output_directory(path: Path, option: str) -> None:
+    """Creates the output directory `path` and writes a probe file in it, so that an output that
+    cannot be written (a file in the way, a read-only place) fails before the work, not after it.
+    ValueError in one line naming the option and the path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written: {error.strerror or error}") from None

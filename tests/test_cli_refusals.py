@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from segany_train import amg_cli
+from segany_train.evaluation import cli as evaluation_cli
 from segany_train.data import coco, synthetic
 from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import expand_shard_patterns
@@ -164,3 +165,20 @@ def test_train_refuses_zero_max_steps_before_any_work(tmp_path):
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "max_steps" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
     assert not (tmp_path / "corpus").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_eval_and_amg_refuse_an_output_that_is_a_file_before_any_work(tmp_path):
+    shard = str(write_shards(tmp_path / "shards", 1, 1)[0])
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a directory")
+    photos = image_folder(tmp_path / "photos", 1)
+    for main, argv in (
+        (evaluation_cli.main, ["--shards", shard, "--out", str(blocker / "eval")]),
+        (evaluation_cli.main, ["--shards", shard, "--out", str(blocker)]),
+        (amg_cli.main, [str(photos), "--out", str(blocker)]),
+        (amg_cli.main, [str(photos), "--out", str(tmp_path / "masks"), "--shards-out", str(blocker)]),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *MODEL])
+        assert str(blocker) in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+    assert not (tmp_path / "masks").exists()

@@ -27,6 +27,7 @@ from segany_train.inference_options import (
     describe_model,
     generator_kwargs,
     load_model,
+    prepare_output_directory,
 )
 
 PROTOCOLS = ("interactive", "amg", "both")
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         generator = None
         if args.protocol in ("amg", "both"):  # built now so that bad settings fail before any work
             generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_kwargs(args))
+        prepare_output_directory(args.out, "--out")  # eval.json is written at the end: fail now, not then
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-eval: error: {error}")
     result: dict[str, Any] = {
