@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.data.datamodule import count_samples
+from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample, sample_key
@@ -160,7 +162,7 @@ class DecodedMasks(Sequence):
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique: never another writer's file
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -211,6 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     counts: Counter = Counter()
     SkipLog.take()  # forget skips of earlier readers in this process
     with ExitStack() as stack:
+        # one segany-amg per --shards-out: two would number their shards alike and replace each
+        # other's; in --out each image's files are whole (unique temporary names), whoever writes last
+        if args.shards_out:
+            try:
+                stack.enter_context(lock_directory(args.shards_out))
+            except DirectoryLocked as error:
+                sys.exit(f"segany-amg: error: {error}")
         writer = None
         if args.shards_out:  # on an error the shard being written is dropped, completed ones stay
             writer = stack.enter_context(SA1BShardWriter(args.shards_out, max_samples_per_shard=args.images_per_shard))

@@ -89,7 +89,7 @@ def keep_only_shards(directory: str | Path, keep: list[Path]) -> None:
 class SA1BShardWriter:
     """Writes samples into `prefix000000.tar`, `prefix000001.tar`, ... in `directory`.
 
-    Each shard is written as `<name>.tar.tmp` and renamed when complete, so a killed job never leaves a
+    Each shard is written as `<name>.tar.<unique>.tmp` and renamed when complete, so a killed job never leaves a
     partial shard under a shard name; then its counts go into `manifest.json`, unless
     `record_manifest=False`: writers running side by side in one directory would race on that file, so
     they leave it to whoever merges their output. Use as a context manager.
@@ -118,7 +118,8 @@ class SA1BShardWriter:
         return f"{self.prefix}{self.index:06d}{SHARD_SUFFIX}"
 
     def _open(self) -> None:
-        self._tmp = self.directory / (self._shard_name() + ".tmp")
+        # unique: another writer of the same shard name must not write into (or rename away) this file
+        self._tmp = self.directory / f"{self._shard_name()}.{uuid.uuid4().hex}.tmp"
         self._stream = open(self._tmp, "wb")
         self._tar = wds.TarWriter(self._stream, encoder=False)
         self._count = self._masks = 0
