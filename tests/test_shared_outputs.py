@@ -46,3 +46,12 @@ def test_a_second_amg_on_one_shards_out_directory_fails_naming_the_first(tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(tmp_path):
+    orphan = tmp_path / "sa_000000.tar.0123abcd.tmp"  # what a SIGKILLed writer leaves: nobody holds it
+    orphan.write_bytes(b"partial")
+    image, masks = make_image(0)
+    with SA1BShardWriter(tmp_path) as writer:
+        writer.write(sample_key(0), jpeg_bytes(image), record_for(0, image, masks))
+    assert not orphan.exists() and not list(tmp_path.glob("*.tmp"))

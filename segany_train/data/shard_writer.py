@@ -6,6 +6,7 @@ a final name holds either the old or the new complete content. Concurrency: temp
 unique per writer, and manifest updates (read, modify, write) hold a lock.
 """
 
+import fcntl
 import json
 import os
 import uuid
@@ -86,6 +87,18 @@ def keep_only_shards(directory: str | Path, keep: list[Path]) -> None:
         write_manifest(directory, shards)
 
 
+def _remove_orphaned_temporaries(directory: Path, shard_name: str) -> None:
+    """Deletes the temporary files of `shard_name` that no live writer holds (a killed writer's),
+    leaving those another writer is still writing: each writer holds a lock on its own."""
+    for path in directory.glob(f"{shard_name}.*.tmp"):
+        try:
+            with open(path, "rb") as stream:
+                fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            continue
+
+
 class SA1BShardWriter:
     """Writes samples into `prefix000000.tar`, `prefix000001.tar`, ... in `directory`.
 
@@ -118,9 +131,11 @@ class SA1BShardWriter:
         return f"{self.prefix}{self.index:06d}{SHARD_SUFFIX}"
 
     def _open(self) -> None:
+        _remove_orphaned_temporaries(self.directory, self._shard_name())
         # unique: another writer of the same shard name must not write into (or rename away) this file
         self._tmp = self.directory / f"{self._shard_name()}.{uuid.uuid4().hex}.tmp"
         self._stream = open(self._tmp, "wb")
+        fcntl.flock(self._stream.fileno(), fcntl.LOCK_EX)  # marks the file live until closed (or killed)
         self._tar = wds.TarWriter(self._stream, encoder=False)
         self._count = self._masks = 0
 
