@@ -15,10 +15,10 @@ from segany_train.evaluation import cli as evaluation_cli
 from segany_train.data import coco, synthetic
 from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.sa1b import annotation_from_mask
-from segany_train.data.shard_writer import read_manifest
+from segany_train.data.sa1b import annotation_from_mask, sample_key
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 from tests.conftest import tiny_training_overrides
-from tests.shards import make_image, write_shards
+from tests.shards import jpeg_bytes, make_image, record_for, write_shards
 
 MODEL = ["--model-type", "vit_t_256_small_decoder", "--no-progress", "--points-per-side", "2"]
 
@@ -182,3 +182,19 @@ def test_eval_and_amg_refuse_an_output_that_is_a_file_before_any_work(tmp_path):
             main([*argv, *MODEL])
         assert str(blocker) in str(exit_.value.code) and "\n" not in str(exit_.value.code)
     assert not (tmp_path / "masks").exists()
+
+
+def test_to_coco_skips_samples_with_malformed_rles_or_areas(tmp_path):
+    with SA1BShardWriter(tmp_path / "shards") as writer:
+        for i, damage in enumerate(["none", "counts", "area"]):
+            image, masks = make_image(i)
+            record = record_for(i, image, masks)
+            if damage == "counts":
+                record["annotations"][0]["segmentation"]["counts"] = "zzzz"
+            elif damage == "area":
+                record["annotations"][0]["area"] = "large"
+            writer.write(sample_key(i), jpeg_bytes(image), record)
+    with pytest.warns(coco.CocoConversionWarning, match="malformed"):
+        dataset = coco.shards_to_coco(str(tmp_path / "shards" / "sa_000000.tar"), tmp_path / "new" / "gt.json")
+    assert [image["id"] for image in dataset["images"]] == [0]
+    assert (tmp_path / "new" / "gt.json").exists()

@@ -28,6 +28,7 @@ from segany_train.data.sa1b import (
     SHARD_SUFFIX,
     BadSample,
     annotation_from_rle,
+    check_masks,
     decode_sample,
     make_record,
     sample_key,
@@ -303,6 +304,7 @@ def shards_to_coco(
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
         try:
             key, _, record = decode_sample(sample)
+            check_masks(record)  # COCO tools take the RLEs and areas as they are
         except BadSample as error:
             where = f"{sample.get('__key__')} of {sample.get('__url__')}"
             warnings.warn(f"skipped sample {where}: {error}", CocoConversionWarning)

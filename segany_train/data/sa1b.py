@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from segany_train.data.rle import parse_rles
+
 IMAGE_FIELD = "jpg"
 RECORD_FIELD = "json"
 SHARD_SUFFIX = ".tar"
@@ -89,6 +91,22 @@ def validate_record(record: Any) -> None:
             raise BadSample(
                 f"annotation {i}: RLE size {seg['size']} does not match the image ({image['height']}x{image['width']})"
             )
+
+
+def check_masks(record: dict[str, Any]) -> None:
+    """BadSample unless every mask of a valid record (`validate_record`) is a well-formed RLE, its runs
+    covering the image exactly, and every `area` present is a finite number. For consumers that hand
+    masks to pycocotools whole (COCOeval, COCO export), which may loop or mislead on such input."""
+    rles = [ann["segmentation"] for ann in record["annotations"]]
+    try:
+        if rles:
+            parse_rles(rles)
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadSample(f"malformed RLE ({error})") from None
+    for i, ann in enumerate(record["annotations"]):
+        area = ann.get("area", 0)
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not np.isfinite(area) or area < 0:
+            raise BadSample(f"annotation {i}: malformed area {area!r}")
 
 
 def encode_sample(key: str, jpeg: bytes, record: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,7 @@ from tqdm import tqdm
 
 from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
 from segany_train.data.pipeline import SkipLog, read_records
-from segany_train.data.rle import parse_rles
-from segany_train.data.sa1b import BadSample
+from segany_train.data.sa1b import BadSample, check_masks
 from segany_train.evaluation.coco_ap import coco_mask_ap
 
 
@@ -29,22 +28,6 @@ def decode_record_image(jpeg: bytes, record: dict[str, Any]) -> np.ndarray:
     return decode_jpeg_resized(jpeg, height, width)
 
 
-def check_rles(record: dict[str, Any]) -> None:
-    """BadSample unless every GT mask of the record is a well-formed RLE of the image's size: COCOeval
-    loops forever on some malformed run lengths, so they never reach it (as in the interactive
-    protocol, the image is skipped and counted)."""
-    image = record["image"]
-    size = [image["height"], image["width"]]
-    rles = [ann["segmentation"] for ann in record["annotations"]]
-    try:
-        if rles and [int(v) for v in rles[0]["size"]] != size:
-            raise ValueError(f"mask 0 is {rles[0]['size']} but the image is {size}")
-        if rles:
-            parse_rles(rles)
-    except (ValueError, KeyError, TypeError) as error:
-        raise BadSample(f"malformed RLE ({error})") from None
-
-
 def evaluate_automatic_masks(
     generator: MaskGenerator, urls: list[str], *, max_images: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -61,7 +44,7 @@ def evaluate_automatic_masks(
     records = read_records(urls) if max_images is None or max_images > 0 else iter(())
     for key, jpeg, record in records:
         try:
-            check_rles(record)
+            check_masks(record)  # COCOeval loops forever on some malformed run lengths
             image = decode_record_image(jpeg, record)
         except BadSample as error:
             SkipLog.record("bad_sample", key, str(error))
