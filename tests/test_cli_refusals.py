@@ -14,7 +14,7 @@ from segany_train import amg_cli
 from segany_train.evaluation import cli as evaluation_cli
 from segany_train.data import coco, synthetic
 from segany_train.data.datamodule import count_samples
-from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.data.pipeline import expand_shard_patterns, read_records
 from segany_train.data.sa1b import annotation_from_mask, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 from tests.conftest import tiny_training_overrides
@@ -198,3 +198,29 @@ def test_to_coco_skips_samples_with_malformed_rles_or_areas(tmp_path):
         dataset = coco.shards_to_coco(str(tmp_path / "shards" / "sa_000000.tar"), tmp_path / "new" / "gt.json")
     assert [image["id"] for image in dataset["images"]] == [0]
     assert (tmp_path / "new" / "gt.json").exists()
+
+
+def test_coco_to_shards_resumes_after_an_interrupted_run(tmp_path, capsys):
+    annotations = coco_json(tmp_path, tmp_path / "images")
+    dataset = json.loads(annotations.read_text())
+    second = dict(dataset["images"][0], id=2, file_name="b.png")
+    Image.open(tmp_path / "images" / "a.png").save(tmp_path / "images" / "b.png")
+    dataset["images"].append(second)
+    dataset["annotations"].append(dict(dataset["annotations"][0], id=2, image_id=2))
+    annotations.write_text(json.dumps(dataset))
+    argv = ["to-shards", "--annotations", str(annotations), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+            "--images-per-shard", "1", "--no-progress"]
+    coco.main(argv)
+    complete = (tmp_path / "out" / "sa_000000.tar").read_bytes()
+    # what a kill during the second shard leaves: the first shard and its manifest entry only
+    (tmp_path / "out" / "sa_000001.tar").unlink()
+    manifest = read_manifest(tmp_path / "out")
+    del manifest["shards"]["sa_000001.tar"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    coco.main(argv)
+    assert "wrote 1 images" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "out")["total_samples"] == 2
+    assert (tmp_path / "out" / "sa_000000.tar").read_bytes() == complete
+    keys = [key for key, _, _ in read_records(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")))]
+    assert len(set(keys)) == 2

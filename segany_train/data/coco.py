@@ -33,9 +33,10 @@ from segany_train.data.sa1b import (
     make_record,
     sample_key,
 )
-from segany_train.data.shard_writer import SA1BShardWriter
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
 JPEG_QUALITY = 95
+CONVERSION_SETTINGS = "coco_conversion.json"  # to-shards' settings in its output, checked on resume
 
 
 class CocoConversionWarning(UserWarning):
@@ -56,12 +57,15 @@ class ConversionReport:
 
     images_written: int = 0
     masks_written: int = 0
+    images_resumed: int = 0  # already in the shards of an interrupted run with the same settings
     shards: list[Path] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for a log: counts written and every skip reason with its count."""
         text = f"wrote {self.images_written} images, {self.masks_written} masks, {len(self.shards)} shard(s)"
+        if self.images_resumed:
+            text += f" after {self.images_resumed} images written before"
         if self.skipped:
             text += "; skipped: " + ", ".join(f"{reason}={n}" for reason, n in sorted(self.skipped.items()))
         return text
@@ -217,6 +221,21 @@ def read_coco_json(path: Path) -> dict[str, Any]:
     return dataset
 
 
+def _claim_output(out_dir: Path, settings: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The complete shards (manifest entries) an interrupted conversion with the same settings left in
+    `out_dir`, to resume after; {} for a new or empty directory, whose settings are recorded.
+    FileExistsError for a directory holding shards made any other way (numbering from 0, the writer
+    would replace some and leave others behind)."""
+    path = out_dir / CONVERSION_SETTINGS
+    if path.exists() and json.loads(path.read_text()) == settings:
+        return read_manifest(out_dir)["shards"]
+    if out_dir.is_dir() and any(out_dir.glob(f"*{SHARD_SUFFIX}")):
+        raise FileExistsError(f"{out_dir} already holds shards made otherwise; convert into an empty directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, settings)
+    return {}
+
+
 def coco_to_shards(
     annotation_file: str | Path,
     image_dir: str | Path,
@@ -236,22 +255,32 @@ def coco_to_shards(
     training samples masks, so such an image contributes nothing.
     """
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.glob(f"*{SHARD_SUFFIX}")):
-        # the writer numbers shards from 0: it would overwrite some old shards and leave others behind
-        raise FileExistsError(f"{out_dir} already holds shards; convert into an empty directory")
     if not Path(image_dir).is_dir():
         raise FileNotFoundError(f"images directory not found: {image_dir}")
     dataset = read_coco_json(Path(annotation_file))
+    settings = {
+        "annotations": str(Path(annotation_file).resolve()),
+        "images": str(Path(image_dir).resolve()),
+        "images_per_shard": images_per_shard,
+        "skip_crowd": skip_crowd,
+    }
+    complete = _claim_output(out_dir, settings)
+    to_skip = sum(entry["samples"] for entry in complete.values())
     converter = CocoImageConverter(Path(image_dir), skip_crowd)
     report = ConversionReport()
-    with SA1BShardWriter(out_dir, max_samples_per_shard=images_per_shard) as writer:
+    writer = SA1BShardWriter(out_dir, start_index=len(complete), max_samples_per_shard=images_per_shard)
+    with writer:
         pairs = images_with_annotations(dataset, converter)
         for image, anns in tqdm(pairs, disable=not progress, unit="image"):
             sample = converter.convert(image, anns)
-            if sample is not None:
-                writer.write(*sample)
-                report.images_written += 1
-                report.masks_written += len(sample[2]["annotations"])
+            if sample is None:
+                continue
+            if report.images_resumed < to_skip:  # the conversion is deterministic: these are in the shards
+                report.images_resumed += 1
+                continue
+            writer.write(*sample)
+            report.images_written += 1
+            report.masks_written += len(sample[2]["annotations"])
     report.shards = writer.written
     report.skipped = dict(converter.skipped)
     return report
@@ -357,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         except (OSError, ValueError) as error:
             parser.exit(2, f"{parser.prog}: error: {error}\n")
-        if report.images_written == 0:  # the input was not what was asked: say so, and fail
+        if report.images_written + report.images_resumed == 0:  # the input was not what was asked: say so, and fail
             parser.exit(1, f"{parser.prog}: error: no image converted from {args.annotations}: {report.summary()}\n")
         print(report.summary())
         return
