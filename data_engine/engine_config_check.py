@@ -37,9 +37,12 @@ def check_engine_config(cfg: DictConfig) -> None:
         if _select(cfg, corpus) is not None:
             _at_least(cfg, f"{corpus}.num_images", 1)
             _at_least(cfg, f"{corpus}.images_per_shard", 1)
-    if cfg.only == "stage3" and cfg.checkpoint:
+    checkpoints = [cfg.checkpoint] if cfg.only == "stage3" and cfg.checkpoint else []
+    if cfg.seed_model.checkpoint not in (None, "builtin"):  # builtin: the shipped, hash-checked file
+        checkpoints.append(cfg.seed_model.checkpoint)
+    for checkpoint in checkpoints:
         try:
-            load_checkpoint_file(Path(cfg.checkpoint))
+            load_checkpoint_file(Path(checkpoint))
         except (FileNotFoundError, SamCheckpointError) as error:
             raise EngineConfigError(str(error)) from None
 

@@ -34,12 +34,14 @@ def test_engine_refuses_values_that_cannot_work_before_any_work(tmp_path, overri
     assert time.monotonic() - start < 60
 
 
-def test_engine_stage3_refuses_an_unreadable_checkpoint_in_one_line(tmp_path):
+@pytest.mark.parametrize("option", ["stage3", "seed"])
+def test_engine_refuses_an_unreadable_checkpoint_in_one_line(tmp_path, option):
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(os.urandom(1000))
+    chosen = ["only=stage3", f"checkpoint={checkpoint}"] if option == "stage3" else [f"seed_model.checkpoint={checkpoint}"]
     run = subprocess.run(
-        [sys.executable, "-m", "data_engine.engine", f"run_dir={tmp_path / 'run'}", "only=stage3", f"checkpoint={checkpoint}",
-         f"corpus.synthetic.directory={tmp_path / 'pool'}"],
+        [sys.executable, "-m", "data_engine.engine", f"run_dir={tmp_path / 'run'}", *chosen,
+         f"corpus.synthetic.directory={tmp_path / 'pool'}", f"seed_model.corpus.directory={tmp_path / 'public'}"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     lines = run.stderr.strip().splitlines()
