@@ -18,7 +18,7 @@ import torch
 from segany_train.model.checkpoint import read_state_dict
 
 BUILTIN_PATH = Path(__file__).resolve().parent / "seed" / "engine_seed.pt"
-BUILTIN_SHA256 = "9b96debb3efd96eaee3102dd923791cc005e4870fd96d82bf4f21dbaecce7c24"
+BUILTIN_SHA256 = "2266fab9e19ddea3fceaaf3e98034f4816bf8688e1383049f389792dab152f1b"
 BUILTIN = "builtin"  # the config value naming the shipped seed
 
 
