@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from segany_train.data.datamodule import SA1BDataModule
+from segany_train.data.pipeline import NoUsableSamples
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam, SamCheckpointError, SamConfig, build_sam_by_name
 from segany_train.model.sam_config import describe_size
@@ -28,6 +29,8 @@ from segany_train.training.overlays import MaskOverlayCallback
 from segany_train.training.rollout import RolloutConfig
 
 FREEZABLE = ("image_encoder", "prompt_encoder", "mask_decoder")
+# how a worker's traceback names the error on its last line
+_NO_USABLE_SAMPLES_PREFIX = f"{NoUsableSamples.__module__}.{NoUsableSamples.__name__}: "
 
 
 def _config_dir() -> Path:
@@ -240,6 +243,9 @@ def main(cfg: DictConfig) -> None:
         metrics = train(cfg)
     except (SamCheckpointError, FileNotFoundError, RunConfigError) as error:
         sys.exit(f"segany-train: error: {error}")
+    except NoUsableSamples as error:
+        # from a DataLoader worker the message carries the worker's traceback; its last line is ours
+        sys.exit(f"segany-train: error: {str(error).strip().splitlines()[-1].removeprefix(_NO_USABLE_SAMPLES_PREFIX)}")
     for key in sorted(metrics):
         if key.startswith("val/"):
             print(f"{key}: {metrics[key]:.4f}")

@@ -2,7 +2,10 @@
 runs under an alarm, so a hang fails the test instead of stalling the suite."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,7 @@ from segany_train.data.sa1b import sample_key
 from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.data.training_sample import SampleConfig
 from segany_train.evaluation.automatic import evaluate_automatic_masks
+from tests.conftest import tiny_training_overrides
 from tests.shards import jpeg_bytes, make_image, record_for, write_shards
 
 SMALL = SampleConfig(image_size=64, mask_size=16)
@@ -91,3 +95,14 @@ def test_amg_evaluation_skips_and_counts_a_malformed_rle_instead_of_hanging(tmp_
     with deadline(60):
         result = evaluate_automatic_masks(generator, [str(p) for p in writer.written], progress=False)
     assert result["images"] == 1 and result["images_skipped"] == {"bad_sample": 1}
+
+
+def test_segany_train_on_only_bad_shards_fails_in_one_line(tmp_path):
+    bad = bad_jpeg_shard(tmp_path / "bad" / "sa_000000.tar")
+    command = [sys.executable, "-m", "segany_train.train", *tiny_training_overrides(tmp_path / "corpus"), "data.synthetic=null",
+               f"data.train_shards={bad}", "data.val_shards=null", "data.samples_per_epoch=4", "data.num_workers=1",
+               "data.max_consecutive_skips=20", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("segany-train: error: no usable training sample") and str(bad) in last, run.stderr[-3000:]
