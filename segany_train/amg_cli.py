@@ -38,7 +38,7 @@ from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
+from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_json_atomically
 from segany_train.evaluation.automatic import decode_record_image
 from segany_train.inference_options import (
     add_generator_arguments,
@@ -194,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SETTINGS_FILE = ".segany-amg-settings"  # in --out (JSON; no .json suffix, so a glob for the records skips it)
+
+
+def claim_output_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Records the run's settings in --out; a rerun with other settings is refused unless it redoes
+    every image (--overwrite), so --out never mixes masks made two ways."""
+    path = out / SETTINGS_FILE
+    if path.exists() and not overwrite:
+        found = json.loads(path.read_text())
+        if found != settings:
+            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds masks made with other settings ({', '.join(changed)}); pass --overwrite to redo them, or use another --out")
+    write_json_atomically(path, settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -208,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.shards_out:
             prepare_output_directory(args.shards_out, "--shards-out")
         prepare_output_directory(args.out, "--out")
+        checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_kwargs(args)}
+        claim_output_settings(args.out, settings, args.overwrite)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")
     counts: Counter = Counter()

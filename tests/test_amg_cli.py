@@ -114,7 +114,7 @@ def test_segany_amg_on_a_folder(image_folder, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "2 images: 1 done now, 0 done before, 1 unreadable" in captured.out
     assert "broken.jpg" in captured.err and "warning" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["scene.json", "scene.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".segany-amg-settings", "scene.json", "scene.png"]
 
     record = json.loads((out / "scene.json").read_text())
     validate_record(record)

@@ -224,3 +224,16 @@ def test_coco_to_shards_resumes_after_an_interrupted_run(tmp_path, capsys):
     assert (tmp_path / "out" / "sa_000000.tar").read_bytes() == complete
     keys = [key for key, _, _ in read_records(sorted(str(p) for p in (tmp_path / "out").glob("*.tar")))]
     assert len(set(keys)) == 2
+
+
+def test_an_amg_rerun_with_other_settings_over_the_same_out_is_refused_unless_it_redoes_everything(tmp_path, capsys):
+    images, out = image_folder(tmp_path / "images", 2), tmp_path / "masks"
+    amg_cli.main([str(images), "--out", str(out), *MODEL])
+    before = snapshot(out)
+    with pytest.raises(SystemExit, match="other settings \\(pred_iou_thresh\\)"):
+        amg_cli.main([str(images), "--out", str(out), *MODEL, "--pred-iou-thresh", "0.5"])
+    assert snapshot(out) == before  # nothing rewritten
+    amg_cli.main([str(images), "--out", str(out), *MODEL, "--pred-iou-thresh", "0.5", "--overwrite"])
+    assert "2 done now" in capsys.readouterr().out
+    amg_cli.main([str(images), "--out", str(out), *MODEL, "--pred-iou-thresh", "0.5"])  # the same settings resume
+    assert "2 done before" in capsys.readouterr().out
