@@ -46,6 +46,12 @@ def test_the_wheel_holds_every_module_and_every_config(venv, tmp_path):
     assert configs == {p.relative_to(site / "segany_train" / "conf") for p in (site / "segany_train" / "conf").rglob("*.yaml")}
 
 
+def test_the_wheel_carries_the_engines_seed_model(venv, tmp_path):
+    # segany-engine starts from it by default: the installed copy must hold it and pass its hash check
+    output = _run([venv / "bin" / "python", "-m", "data_engine.seed_model", "check"], tmp_path)
+    assert "(matches)" in output and str(venv) in output
+
+
 @pytest.mark.parametrize("entry_point", sorted(HYDRA_ENTRY_POINTS))
 def test_every_entry_point_composes_its_config_away_from_the_repository(venv, tmp_path, entry_point):
     output = _run([venv / "bin" / entry_point, "--cfg", "job"], tmp_path)
