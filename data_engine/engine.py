@@ -58,10 +58,6 @@ def engine_device(setting: str, trainer_accelerator: str | None) -> torch.device
     return device
 
 
-def load_model(checkpoint: str, device: torch.device | str = "cpu") -> Sam:
-    return build_sam_from_checkpoint(checkpoint).to(device).eval()
-
-
 def _annotator_factory(predictor: SamPredictor, cfg: DictConfig):
     time_model = TimeModel(**OmegaConf.to_container(cfg.annotator.time, resolve=True))
 
@@ -154,7 +150,7 @@ class Engine:
         )
 
     def _model(self, checkpoint: str) -> Sam:
-        return load_model(checkpoint, self.device)
+        return build_sam_from_checkpoint(checkpoint).to(self.device).eval()
 
     def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
         def work() -> dict[str, Any]:

@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     export = sub.add_parser("export", help="write a training checkpoint's weights as the fp16 seed file")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("--out", type=Path, default=BUILTIN_PATH)
-    check = sub.add_parser("check", help="verify the shipped seed file's SHA-256")
-    check.set_defaults(checkpoint=None)
+    sub.add_parser("check", help="verify the shipped seed file's SHA-256")
     args = parser.parse_args(argv)
     if args.command == "export":
         path, digest = export_seed_weights(args.checkpoint, args.out)
