@@ -7,7 +7,6 @@ Command line: `python -m segany_train.data.coco {to-shards,to-coco} --help`.
 """
 
 import argparse
-import io
 import json
 import math
 import warnings
@@ -18,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from segany_train.data.image_loading import load_image
+from segany_train.data.image_loading import load_image, shard_jpeg
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.sa1b import (
     SHARD_SUFFIX,
@@ -35,7 +33,6 @@ from segany_train.data.sa1b import (
 )
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
-JPEG_QUALITY = 95
 CONVERSION_SETTINGS = "coco_conversion.json"  # to-shards' settings in its output, checked on resume
 
 
@@ -90,13 +87,9 @@ def _read_jpeg(path: Path, width: int, height: int) -> bytes:
     except BadSample as error:
         raise _Skip("undecodable_image", f"cannot decode image {path}: {error}") from None
     size = (loaded.pixels.shape[1], loaded.pixels.shape[0])
-    if loaded.format != "JPEG":
-        out = io.BytesIO()
-        Image.fromarray(loaded.pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
-        data = out.getvalue()
     if size != (width, height):  # the masks would not line up with the pixels
         raise _Skip("image_size_mismatch", f"image {path} is {size[0]}x{size[1]}, COCO says {width}x{height}")
-    return data
+    return shard_jpeg(loaded, data)
 
 
 def _polygons_rle(polygons: list[Any], height: int, width: int) -> dict[str, Any]:

@@ -1,5 +1,13 @@
 """Image files (JPEG, PNG, TIFF, any bit depth) as HxWx3 uint8 RGB: the one loader for images that
-are not SA-1B shard members (segany-amg's files, segany-coco's images directory)."""
+are not SA-1B shard members (segany-amg's files, segany-coco's and segany-convert's images).
+
+This is the one normalisation of user images, used at training and at inference alike: converters
+write these pixels into the shards (`shard_jpeg`), and segany-amg reads its files through it.
+- 8-bit RGB: as is; 8-bit grey, palette and CMYK: PIL's conversion to RGB;
+- RGBA / LA: the alpha channel is dropped (not composited), the colour kept;
+- 16-bit, 32-bit integer and float grey: scaled linearly from the image's own darkest to its
+  brightest value onto 0..255, then repeated over the three channels.
+"""
 
 from dataclasses import dataclass
 from io import BytesIO
@@ -44,3 +52,16 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
         raise ValueError("the image holds non-finite values")
     scale = 255.0 / (high - low) if high > low else 0.0
     return np.rint((values - low) * scale).astype(np.uint8)
+
+
+JPEG_QUALITY = 95
+
+
+def shard_jpeg(loaded: LoadedImage, data: bytes) -> bytes:
+    """The JPEG bytes a shard stores for an image loaded from `data`: a JPEG file's own bytes (no
+    re-encode, no loss; it decodes to the same RGB), anything else the loaded RGB pixels at quality 95."""
+    if loaded.format == "JPEG":
+        return data
+    out = BytesIO()
+    Image.fromarray(loaded.pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
