@@ -292,7 +292,8 @@ def test_segany_eval_interactive_end_to_end(eval_shards, tmp_path):
     assert inter["images"] == 4 and inter["images_skipped"] == {"bad_sample": 1}
     # every mask of the good images is evaluated (64-px images: the low-res frame keeps them all)
     assert inter["masks_in_images"] == inter["masks"] == sum(len(r["annotations"]) for r in records)
-    assert inter["masks_skipped"] == 0 and inter["iou_frame"] == [64, 64]
+    assert inter["masks_skipped"] == 0 and inter["low_res_frame"] == [64, 64]
+    assert inter["iou_resolution"] == "full" and inter["settings"]["iou_resolution"] == "full"
     assert list(inter["miou"]) == ["1", "2", "3"]
     for k in ("1", "2", "3"):
         assert 0.0 <= inter["miou"][k] <= inter["oracle_miou"][k] <= 1.0
@@ -301,6 +302,7 @@ def test_segany_eval_interactive_end_to_end(eval_shards, tmp_path):
     assert inter["settings"]["max_clicks"] == 3 and inter["settings"]["mask_feedback"] is True
     markdown = (out / "eval.md").read_text()
     assert "| clicks | mIoU | oracle mIoU |" in markdown and "NoC@85" in markdown
+    assert "IoU at each image's own resolution" in markdown
 
     # the same weights from a checkpoint file give the same figures
     torch.manual_seed(0)  # segany-eval's random weights for the default --seed 0
@@ -319,6 +321,15 @@ def test_segany_eval_interactive_end_to_end(eval_shards, tmp_path):
     )  # fmt: skip
     first = json.loads((out / "eval.json").read_text())["interactive"]
     assert first["images"] == 1 and first["masks"] == len(records[1]["annotations"])  # sa_0 (extra_ sorts first)
+
+    # the low-res frame on request, said so in the report
+    cli.main(
+        ["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "*.tar"), "--protocol", "interactive",
+         "--max-clicks", "3", "--iou-resolution", "low_res", "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    low = json.loads((out / "eval.json").read_text())["interactive"]
+    assert low["iou_resolution"] == "low_res" and low["masks"] == inter["masks"]
+    assert "IoU in the 64x64 low-res frame (not the image's resolution)" in (out / "eval.md").read_text()
 
 
 @pytest.mark.parametrize(

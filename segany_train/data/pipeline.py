@@ -195,13 +195,13 @@ def collate_training_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Images stacked (Bx3xSxS uint8); masks of all images concatenated with the image each belongs to.
 
     masks NxMxM bool, boxes Nx4, image_index N: the layout `Sam.decode` takes. `skipped` sums the
-    skips reported by the samples of this batch.
+    skips reported by the samples of this batch. Samples carrying `segmentations` give N RLE dicts.
     """
     counts = [s["masks"].shape[0] for s in samples]
     skipped: Counter = Counter()
     for s in samples:
         skipped.update(s["skipped"])
-    return {
+    batch = {
         "keys": [s["key"] for s in samples],
         "image": torch.stack([s["image"] for s in samples]),
         "masks": torch.cat([s["masks"] for s in samples]),
@@ -213,3 +213,6 @@ def collate_training_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "num_annotations": torch.tensor([s["num_annotations"] for s in samples]),
         "skipped": dict(skipped),
     }
+    if samples and "segmentations" in samples[0]:
+        batch["segmentations"] = [rle for s in samples for rle in s["segmentations"]]
+    return batch

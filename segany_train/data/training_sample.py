@@ -33,12 +33,17 @@ class SampleConfig:
     large_scale_jitter: bool = False
     jitter_scale: tuple[float, float] = (0.1, 2.0)
     horizontal_flip: bool = False
+    # carry the kept masks' RLEs (`segmentations`), for measuring at the image's own resolution;
+    # only without augmentation, where the masks' frame is the image's
+    keep_segmentations: bool = False
 
     def __post_init__(self) -> None:
         if self.max_masks < 1:
             raise ValueError(f"max_masks must be at least 1 (a sample without masks trains nothing), got {self.max_masks}")
         if self.image_size % self.mask_size != 0:
             raise ValueError(f"image_size {self.image_size} must be a multiple of mask_size {self.mask_size}")
+        if self.keep_segmentations and (self.large_scale_jitter or self.horizontal_flip):
+            raise ValueError("keep_segmentations needs large_scale_jitter and horizontal_flip off (the RLEs are unaugmented)")
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ def build_training_sample(
 
     Returns key, image (3xSxS uint8), masks (KxMxM bool), boxes (Kx4 float, XYXY input pixels),
     annotation_ids (K), input_size (h, w of the image inside the padding), original_size (H, W),
-    num_annotations (the record's annotation count, so a caller can count the masks left out).
+    num_annotations (the record's annotation count, so a caller can count the masks left out), and
+    with `cfg.keep_segmentations` segmentations (K RLE dicts of the kept masks, in order).
     """
     height, width = record["image"]["height"], record["image"]["width"]
     actual = jpeg_size(jpeg)
@@ -135,7 +141,7 @@ def build_training_sample(
         raise BadSample(f"no mask has {max(cfg.min_mask_pixels, 1)}+ pixels at the training resolution")
     masks = masks[visible]
     image, input_size = _image(jpeg, record, win, cfg)
-    return {
+    sample = {
         "key": key,
         "image": torch.from_numpy(image),
         "masks": torch.from_numpy(masks),
@@ -145,3 +151,6 @@ def build_training_sample(
         "original_size": (height, width),
         "num_annotations": len(record["annotations"]),
     }
+    if cfg.keep_segmentations:
+        sample["segmentations"] = [a["segmentation"] for a, v in zip(anns, visible) if v]
+    return sample

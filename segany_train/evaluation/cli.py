@@ -20,7 +20,7 @@ from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import STAT_NAMES
-from segany_train.evaluation.interactive import InteractiveEvalConfig, evaluate_interactive
+from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
 from segany_train.inference_options import (
     add_generator_arguments,
     add_model_arguments,
@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--max-area-fraction", type=float, default=default.max_area_fraction, help="leave out masks covering more of the image"
     )
+    group.add_argument(
+        "--iou-resolution",
+        choices=IOU_RESOLUTIONS,
+        default=default.iou_resolution,
+        help="measure IoU at each image's own size (default, as the SAM paper) or in the decoder's low-res frame",
+    )
     group.add_argument("--batch-size", type=int, default=default.batch_size, help="images per encoder batch")
     group.add_argument("--num-workers", type=int, default=default.num_workers, help="data loader worker processes")
     add_generator_arguments(parser)
@@ -65,6 +71,13 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def _skips(skipped: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
+
+
+def _iou_statement(inter: dict[str, Any]) -> str:
+    side = "x".join(str(n) for n in inter["low_res_frame"])
+    if inter["iou_resolution"] == "full":
+        return f"IoU at each image's own resolution; clicks placed on the error in the {side} low-res frame."
+    return f"IoU in the {side} low-res frame (not the image's resolution), where the clicks are placed too."
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -89,7 +102,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             f"Images evaluated: {inter['images']} (skipped: {_skips(inter['images_skipped'])}). "
             f"Masks evaluated: {inter['masks']} of {inter['masks_in_images']} (left out: {inter['masks_skipped']}). "
-            f"IoU in the {inter['iou_frame'][0]}x{inter['iou_frame'][1]} low-res frame; the shown mask is the "
+            f"{_iou_statement(inter)} The shown mask is the "
             "output of highest predicted IoU, the oracle the best of the outputs (the model returns 3 for "
             "one click and 1 for more, so both agree after the first click). NoC counts the cap for masks "
             "that never reach the IoU; NoF counts those masks.",
@@ -128,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             seed=args.seed,
+            iou_resolution=args.iou_resolution,
         )
         sam = load_model(args)
         generator = None

@@ -6,27 +6,35 @@ point, each next at the deepest point of the largest error region between the sh
 the mask prompt. This is `RolloutConfig(click_mode="center")` of the training rollout, so training
 validation and this evaluation run the same protocol.
 
-IoU is measured in the decoder's low-resolution frame (image_size / 4 per side, 256 for SAM) against
-the GT sampled to it by nearest neighbour, inside the image (the padding is cleared): the masks the
-rollout works on. Full-resolution IoU would upsample the logits first; small objects can differ.
+IoU is measured at each image's own resolution by default, as the SAM paper and the click-protocol
+literature do: the logits are upsampled the way the predictor returns masks (`Sam.postprocess_masks`)
+and compared with the GT decoded from its RLE at full size. `iou_resolution="low_res"` measures in
+the decoder's low-resolution frame instead (image_size / 4 per side, 256 for SAM), against the GT
+sampled to it by nearest neighbour, inside the image: cheaper, and what training's validation logs;
+thin and small objects score differently there. Either way the clicks are placed on the error in
+the low-resolution frame, where the rollout works.
 """
 
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segany_train.data.pipeline import SkipLog, collate_training_samples, training_pipeline
+from segany_train.data.rle import decode_rles_at
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam
 from segany_train.training.module import normalize_images
+from segany_train.training.losses import mask_iou
 from segany_train.training.rollout import RolloutConfig, interactive_ious
 from segany_train.transforms import ResizeLongestSide
 
 REPORT_CLICKS = (1, 2, 3, 5, 9)
 NOC_THRESHOLDS = (0.85, 0.90)
+IOU_RESOLUTIONS = ("full", "low_res")
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,13 @@ class InteractiveEvalConfig:
     batch_size: int = 1  # images per encoder batch
     num_workers: int = 0
     seed: int = 0
+    iou_resolution: str = "full"  # "full": at the image's size; "low_res": in the decoder's mask frame
 
     def __post_init__(self) -> None:
         if self.max_clicks < 1:
             raise ValueError(f"max_clicks must be at least 1, got {self.max_clicks}")
+        if self.iou_resolution not in IOU_RESOLUTIONS:
+            raise ValueError(f"iou_resolution must be one of {IOU_RESOLUTIONS}, got {self.iou_resolution!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
@@ -66,6 +77,49 @@ def valid_regions(original_size: torch.Tensor, mask_size: int) -> torch.Tensor:
         rows, cols = ResizeLongestSide.get_preprocess_shape(h, w, mask_size)
         out[i, :rows, :cols] = True
     return out
+
+
+class FullResolutionIoU:
+    """IoU of low-res logits with the GT at each image's own size, for the N masks of one batch.
+
+    The GT (N RLEs) is decoded once at full size; each call upsamples the logits as the predictor
+    does (to the input frame, cropped to the image, resized to HxW) in chunks of masks, so an SA-1B
+    image (~1500x2250, 100+ masks) never holds all of its outputs at full size at once.
+    """
+
+    def __init__(
+        self,
+        sam: Sam,
+        *,
+        segmentations: list[dict],
+        image_index: torch.Tensor,
+        input_size: torch.Tensor,
+        original_size: torch.Tensor,
+        max_elements: int = 2**25,
+    ) -> None:
+        if len(segmentations) != image_index.numel():
+            raise ValueError(f"{len(segmentations)} segmentations for {image_index.numel()} masks")
+        self.sam = sam
+        self.max_elements = max_elements
+        self.images = []  # (rows of the image's masks, input size, original size, GT KxHxW bool)
+        for i, ((h, w), size) in enumerate(zip(original_size.tolist(), input_size.tolist())):
+            rows = (image_index == i).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            rles = [segmentations[r] for r in rows.tolist()]
+            gt = decode_rles_at(rles, np.arange(h), np.arange(w))  # K x H x W
+            self.images.append((rows, tuple(size), (h, w), torch.from_numpy(gt).to(image_index.device)))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Nx3xhxw low-res logits -> Nx3 IoU (1 where prediction and GT are both empty)."""
+        out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+        for rows, input_size, (h, w), gt in self.images:
+            chunk = max(1, self.max_elements // (logits.shape[1] * h * w))
+            for start in range(0, rows.numel(), chunk):
+                part = rows[start : start + chunk]
+                full = self.sam.postprocess_masks(logits[part].float(), input_size, (h, w))  # c x 3 x H x W
+                out[part] = mask_iou(full, gt[start : start + chunk], self.sam.mask_threshold)
+        return out
 
 
 def _no_click_reached(reached: torch.Tensor, max_clicks: int) -> torch.Tensor:
@@ -118,6 +172,8 @@ def _first_images(batch: dict, count: int) -> dict:
     cut = {k: batch[k][:count] for k in ("image", "input_size", "original_size", "num_annotations")}
     cut.update(keys=batch["keys"][:count], skipped=batch["skipped"])
     cut.update({k: batch[k][keep] for k in ("masks", "image_index")})
+    if "segmentations" in batch:
+        cut["segmentations"] = [rle for rle, k in zip(batch["segmentations"], keep.tolist()) if k]
     return cut
 
 
@@ -136,7 +192,8 @@ def evaluate_interactive(
     Returns `summarize_interactive`'s report plus images (evaluated), images_skipped ({reason: n}:
     undecodable samples, corrupt shard members, images with no usable mask), masks_in_images (GT
     masks of the evaluated images), masks_skipped (of those, not evaluated: over max_area_fraction,
-    empty, invisible at the low-res size or beyond max_masks_per_image) and the IoU frame size.
+    empty, invisible at the low-res size or beyond max_masks_per_image), the IoU resolution and the
+    low-res frame size.
     """
     sam = sam.eval()
     device = next(sam.parameters()).device
@@ -147,6 +204,7 @@ def evaluate_interactive(
         mask_size=mask_size,
         max_masks=cfg.max_masks_per_image or 2**62,
         max_area_fraction=cfg.max_area_fraction,
+        keep_segmentations=cfg.iou_resolution == "full",
     )
     loader = DataLoader(
         training_pipeline(urls, sample_cfg, mode="once", seed=cfg.seed),
@@ -170,7 +228,16 @@ def evaluate_interactive(
         valid = valid_regions(batch["original_size"], mask_size).to(device)[image_index]
         # center clicks are deterministic; the seeded generator keeps the rollout's unused draws off the global RNG
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        ious = interactive_ious(sam, embeddings, gt, image_index, rollout, valid=valid, generator=generator)
+        measure = None
+        if cfg.iou_resolution == "full":
+            measure = FullResolutionIoU(
+                sam,
+                segmentations=batch["segmentations"],
+                image_index=image_index,
+                input_size=batch["input_size"],
+                original_size=batch["original_size"],
+            )
+        ious = interactive_ious(sam, embeddings, gt, image_index, rollout, valid=valid, generator=generator, measure=measure)
         shown.append(torch.stack([ious[k].shown for k in range(1, cfg.max_clicks + 1)], dim=1).cpu())
         oracle.append(torch.stack([ious[k].oracle for k in range(1, cfg.max_clicks + 1)], dim=1).cpu())
         predicted_1.append(ious[1].predicted.float().cpu())
@@ -193,7 +260,9 @@ def evaluate_interactive(
         images_skipped=dict(skipped),
         masks_in_images=masks_in_images,
         masks_skipped=masks_in_images - report["masks"],
-        iou_frame=[mask_size, mask_size],
+        iou_resolution=cfg.iou_resolution,
+        # the frame the clicks are placed in, and the IoU's with iou_resolution "low_res"
+        low_res_frame=[mask_size, mask_size],
         mask_feedback=cfg.mask_feedback,
         iou_head_spearman=spearman(predicted_all, shown_all[:, 0]),
     )

@@ -183,18 +183,24 @@ def interactive_ious(
     *,
     valid: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    measure: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, ClickIoU]:
     """Per-mask IoU after k interactions, {k: ClickIoU}, for N GT masks (NxMxM bool, low-res).
 
     With `valid` (NxMxM bool), predictions outside it (the padding) are cleared before the IoU and
     before a click is placed. Without refinement iterations (the evaluation protocol) k runs over
     1..num_iterations; otherwise an interaction count's last iteration is the one kept.
+    `measure` (Nx3xMxM logits -> Nx3 IoU) replaces the IoU against `gt`, e.g. to measure at the
+    images' own resolution; the clicks are still placed from `gt`.
     """
     ious: dict[int, ClickIoU] = {}
 
     def on_iteration(out: IterationOutput) -> None:
-        logits = out.logits if valid is None else out.logits.masked_fill(~valid[:, None], float("-inf"))
-        per_output = mask_iou(logits, gt, sam.mask_threshold)  # N x 3
+        if measure is not None:
+            per_output = measure(out.logits)  # N x 3
+        else:
+            logits = out.logits if valid is None else out.logits.masked_fill(~valid[:, None], float("-inf"))
+            per_output = mask_iou(logits, gt, sam.mask_threshold)  # N x 3
         best = out.iou_pred.argmax(dim=1)
         predicted = out.iou_pred.gather(1, best[:, None])[:, 0]
         ious[out.interactions] = ClickIoU(per_output.gather(1, best[:, None])[:, 0], per_output.amax(dim=1), predicted)
