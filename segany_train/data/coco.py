@@ -214,12 +214,15 @@ def read_coco_json(path: Path) -> dict[str, Any]:
     return dataset
 
 
-def _claim_output(out_dir: Path, settings: dict[str, Any]) -> dict[str, dict[str, int]]:
+def claim_conversion_output(
+    out_dir: Path, settings: dict[str, Any], *, settings_name: str = CONVERSION_SETTINGS
+) -> dict[str, dict[str, int]]:
     """The complete shards (manifest entries) an interrupted conversion with the same settings left in
-    `out_dir`, to resume after; {} for a new or empty directory, whose settings are recorded.
+    `out_dir`, to resume after; {} for a new or empty directory, whose settings are recorded (in
+    `out_dir/settings_name`; segany-coco's and segany-convert's conversions share this).
     FileExistsError for a directory holding shards made any other way (numbering from 0, the writer
     would replace some and leave others behind)."""
-    path = out_dir / CONVERSION_SETTINGS
+    path = out_dir / settings_name
     if path.exists() and json.loads(path.read_text()) == settings:
         return read_manifest(out_dir)["shards"]
     if out_dir.is_dir() and any(out_dir.glob(f"*{SHARD_SUFFIX}")):
@@ -257,7 +260,7 @@ def coco_to_shards(
         "images_per_shard": images_per_shard,
         "skip_crowd": skip_crowd,
     }
-    complete = _claim_output(out_dir, settings)
+    complete = claim_conversion_output(out_dir, settings)
     to_skip = sum(entry["samples"] for entry in complete.values())
     converter = CocoImageConverter(Path(image_dir), skip_crowd)
     report = ConversionReport()
