@@ -71,8 +71,18 @@ def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
     this project's Lightning checkpoints (hyper-parameters are plain dicts) need nothing else, and a
     pickle can run any code while it loads. `trust=True` unpickles everything, with a warning.
     SamCheckpointError (one line naming the file) for anything that is not a checkpoint dict.
+    A Hugging Face SamModel checkpoint (a folder, a .safetensors file, or a .bin of that layout) is
+    returned in the official layout (`hf_layout.hf_checkpoint_as_official`).
     """
+    from segany_train.model.hf_layout import hf_checkpoint_as_official, is_hf_state_dict, read_hf_weights
+
     path = Path(path)
+    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+        config = (path if path.is_dir() else path.parent) / "config.json"
+        try:
+            return hf_checkpoint_as_official(read_hf_weights(path), config)
+        except (ValueError, FileNotFoundError, pickle.UnpicklingError, RuntimeError) as error:
+            raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
     if trust:
@@ -89,6 +99,8 @@ def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
         raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
     if not isinstance(loaded, dict):
         raise SamCheckpointError(f"{path} is not a SAM checkpoint (it holds a {type(loaded).__name__}, not a state dict)")
+    if is_hf_state_dict(loaded):
+        return hf_checkpoint_as_official(loaded, path.parent / "config.json")
     return loaded
 
 
