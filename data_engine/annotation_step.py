@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_engine.annotator import Annotator, ImageAnnotation
 from data_engine.corpus import LabelledImage, read_labelled_images
-from data_engine.rle_iou import encode_masks, rle_iou_matrix
+from segany_train.data.mask_iou import encode_masks, rle_iou_matrix
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 

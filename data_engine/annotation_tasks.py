@@ -13,7 +13,9 @@ The annotators' work, exported from the tool as COCO JSON (polygons or RLE), is 
 same shards and statistics files the simulated annotators write (`annotation_step.py`), so the rest
 of the engine does not know who annotated. Images are matched by file name, because tools renumber
 image ids; images the result lacks and annotations that cannot be read are counted, never dropped
-silently. Without a clock in COCO, seconds and clicks per mask are not known (recorded as NaN).
+silently. Without a clock in COCO, seconds and clicks per mask are not known (recorded as NaN),
+unless the tool's exporter gives an image's seconds as `annotation_seconds` (Label Studio's
+`lead_time`, `label_studio_tasks.py`): then the image's new masks share them evenly.
 """
 
 import json
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from data_engine.annotation_step import ImageStats, Prefill, best_iou_to_gt
 from data_engine.corpus import gt_masks_of, read_labelled_images
 from segany_train.data.coco import CocoConversionWarning, CocoImageConverter, images_with_annotations
+from segany_train.data.rle import coco_rle
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
@@ -111,12 +114,14 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
     # input shard position -> (key, file name, (JPEG, record) or None when the image came back empty)
     by_shard: dict[int, list[tuple[str, str, tuple[bytes, dict[str, Any]] | None]]] = defaultdict(list)
     returned = set()
+    seconds_per_file: dict[str, float] = {}
     for image, anns in images_with_annotations(result, converter):
         entry = task_index["images"].get(image.get("file_name"))
         if entry is None:
             converter.skip("images_not_in_task", f"image {image.get('file_name')}", "not one of the exported images", 1)
             continue
         returned.add(image["file_name"])
+        seconds_per_file[image["file_name"]] = image.get("annotation_seconds", math.nan)
         # the tool's ids mean nothing to the corpus: the SA-1B image id and key come from the task
         sample = converter.convert({**image, "id": entry["image_id"]}, anns)
         by_shard[entry["shard"]].append((entry["key"], image["file_name"], sample[1:] if sample else None))
@@ -141,7 +146,9 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
                         record = _renumbered(sample[1])
                         writer.write(key, sample[0], record)
                         masks = gt_masks_of(record)
-                    shard_images.append(_imported_stats(key, masks, prefilled_per_file.get(file_name, []), gt_per_key.get(key, [])))
+                    shard_images.append(
+                        _imported_stats(key, masks, prefilled_per_file.get(file_name, []), gt_per_key.get(key, []), seconds_per_file[file_name])
+                    )
                 # the statistics first, then the shard's rename and manifest entry: the latter marks it done
                 stats = {"shard": name if any(i["masks"] for i in shard_images) else None, "images": shard_images}
                 write_json_atomically(stats_path, stats)
@@ -164,15 +171,14 @@ def _prefilled_masks(exported: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     names = {image["id"]: image["file_name"] for image in exported["images"]}
     masks: dict[str, list[np.ndarray]] = defaultdict(list)
     for ann in exported["annotations"]:
-        rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
-        masks[names[ann["image_id"]]].append(mask_utils.decode(rle).astype(bool))
+        masks[names[ann["image_id"]]].append(mask_utils.decode(coco_rle(ann["segmentation"])).astype(bool))
     return masks
 
 
-def _imported_stats(key: str, masks: list[np.ndarray], prefilled: list[np.ndarray], gt_masks: list[np.ndarray]) -> dict[str, Any]:
+def _imported_stats(key: str, masks: list[np.ndarray], prefilled: list[np.ndarray], gt_masks: list[np.ndarray], seconds: float) -> dict[str, Any]:
     """ImageStats of one imported image with its returned `masks`: a mask identical to a pre-filled
-    one (IoU > 0.99) counts as accepted; time and clicks are unknown (NaN); IoU to GT only where the
-    pool has GT."""
+    one (IoU > 0.99) counts as accepted; clicks are unknown (NaN), `seconds` are the tool's time on the
+    image (NaN without one); IoU to GT only where the pool has GT."""
     accepted = sum(best_iou_to_gt(m, prefilled) > 0.99 for m in masks) if prefilled else 0
     new = [m for m in masks if not prefilled or best_iou_to_gt(m, prefilled) <= 0.99]
     stats = ImageStats(
@@ -183,11 +189,11 @@ def _imported_stats(key: str, masks: list[np.ndarray], prefilled: list[np.ndarra
         prefilled_accepted=accepted,
         prefilled_correct=sum(best_iou_to_gt(m, gt_masks) > 0.75 for m in prefilled),
         gt_objects=len(gt_masks),
-        seconds=math.nan,
+        seconds=seconds,
         clicks=math.nan,
         brush_masks=0,
         moved_on=False,
-        mask_seconds=[math.nan] * len(new),
+        mask_seconds=[seconds / len(new)] * len(new) if new else [],
         mask_clicks=[math.nan] * len(new),
         mask_ious=[best_iou_to_gt(m, gt_masks) if gt_masks else math.nan for m in new],
     )

@@ -35,7 +35,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from data_engine.rle_iou import encode_masks, rle_iou_matrix
+from segany_train.data.mask_iou import dense_mask_iou, encode_masks, rle_iou_matrix
 from segany_train.model.sam import Sam
 from segany_train.predictor import SamPredictor
 from segany_train.prompting import center_correction_clicks
@@ -174,12 +174,6 @@ class TimeModel:
         """Strokes to fix an error: brush over the missing part, eraser over the extra part."""
         stroke = self.brush_stroke_area
         return math.ceil(false_negative_area / stroke) + math.ceil(false_positive_area / stroke)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two HxW bool masks (1.0 when both are empty)."""
-    union = int(np.count_nonzero(a | b))
-    return int(np.count_nonzero(a & b)) / union if union else 1.0
 
 
 def correction_click(pred: np.ndarray, gt: np.ndarray) -> Click | None:
@@ -343,7 +337,7 @@ class SimulatedAnnotator:
             best = int(np.argmax(iou_predictions))
             mask, logits = np.asarray(masks[best], dtype=bool), low_res[best][None]
             seconds += tm.click_seconds + tm.response_seconds
-            iou = mask_iou(mask, gt)
+            iou = float(dense_mask_iou(torch.from_numpy(mask), torch.from_numpy(gt)))
             if iou >= self.target_iou:
                 break
         strokes = 0
@@ -357,7 +351,7 @@ class SimulatedAnnotator:
             brush_strokes=strokes,
             seconds=seconds,
             iou_before_brush=iou,
-            iou_to_gt=mask_iou(mask, gt),
+            iou_to_gt=float(dense_mask_iou(torch.from_numpy(mask), torch.from_numpy(gt))),
             over_time=seconds > self.max_seconds_per_mask,
         )
         return mask, record

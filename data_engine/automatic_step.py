@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_engine.rle_iou import rle_iou_matrix
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
+from segany_train.data.mask_iou import rle_iou_matrix
 from segany_train.data.pipeline import SkipLog, read_records
 from segany_train.data.rle import parse_rles
 from segany_train.data.sa1b import BadSample

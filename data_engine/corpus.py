@@ -13,6 +13,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
+from segany_train.data.rle import coco_rle
 from segany_train.data.sa1b import BadSample
 from segany_train.evaluation.automatic import decode_record_image
 
@@ -70,8 +71,7 @@ def gt_masks_of(record: dict[str, Any]) -> list[np.ndarray]:
     for ann in record["annotations"]:
         seg = ann["segmentation"]
         try:
-            counts = seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]
-            masks.append(mask_utils.decode({"size": seg["size"], "counts": counts}).astype(bool))
+            masks.append(mask_utils.decode(coco_rle(seg)).astype(bool))
         except (KeyError, TypeError, ValueError) as error:
             raise BadSample(f"annotation {ann.get('id')}: malformed RLE ({error})") from None
     return masks

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from data_engine.annotation_step import annotate_shards
 from data_engine.annotator import ImageAnnotation, MaskRecord
 from data_engine.automatic_step import generate_one_shard
-from data_engine.rle_iou import encode_masks, rle_iou_matrix
+from segany_train.data.mask_iou import encode_masks, rle_iou_matrix
 from tests.shards import write_shards
 
 IMAGE = dict(height=240, width=360, num_masks=8)

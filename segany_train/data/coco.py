@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from segany_train.data.image_loading import load_image, shard_jpeg
 from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.data.rle import coco_rle
 from segany_train.data.sa1b import (
     SHARD_SUFFIX,
     BadSample,
@@ -106,15 +107,10 @@ def _polygons_rle(polygons: list[Any], height: int, width: int) -> dict[str, Any
 
 def _dict_rle(rle: dict[str, Any], height: int, width: int) -> dict[str, Any]:
     """A COCO RLE (compressed or not) for an image of this size, compressed; checked by decoding it."""
-    size, counts = rle.get("size"), rle.get("counts")
-    if not isinstance(size, list) or [int(v) for v in size] != [height, width]:
-        raise _Skip("malformed_segmentation", f"RLE size {size} does not match the image ({height}x{width})")
-    if isinstance(counts, list):
-        rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    elif isinstance(counts, (str, bytes)):
-        rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    else:
-        raise _Skip("malformed_segmentation", f"RLE counts must be a list or a string, not {type(counts).__name__}")
+    try:
+        rle = coco_rle(rle, size=(height, width))
+    except ValueError as error:
+        raise _Skip("malformed_segmentation", str(error)) from None
     try:
         mask_utils.decode(rle)  # pycocotools rejects runs past the image end only when decoding
     except Exception as error:

@@ -7,11 +7,47 @@ the run boundaries. Cost: O(runs + wanted pixels inside the mask's box) instead 
 of an image are decoded together: their runs are concatenated (each sums to H*W, so one cumulative
 sum gives every mask's boundaries offset by k*H*W) and looked up in one call, which keeps numpy's
 per-call overhead from dominating for the typical SA-1B mask.
+
+`coco_rle` is the one place a segmentation in any of the forms the project meets (a binary mask,
+an SA-1B RLE with text counts, a pycocotools RLE with bytes counts, COCO's uncompressed RLE) becomes
+what pycocotools takes.
 """
+
+from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch.nn import functional as F
+
+
+def coco_rle(segmentation: Any, *, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The compressed RLE pycocotools takes, {size: [h, w], counts: bytes}, from an HxW binary mask,
+    a compressed RLE (counts str or bytes) or an uncompressed one (counts a list of run lengths).
+
+    With `size` (h, w), a segmentation of another size is refused. Anything else is a ValueError
+    that says what was wrong; corrupt counts surface when the RLE is decoded.
+    """
+    if isinstance(segmentation, np.ndarray):
+        if segmentation.ndim != 2:
+            raise ValueError(f"a binary mask must be HxW, got shape {segmentation.shape}")
+        h, w = segmentation.shape
+        encoded = None
+    elif isinstance(segmentation, dict) and "counts" in segmentation and isinstance(segmentation.get("size"), (list, tuple)):
+        h, w = (int(v) for v in segmentation["size"])
+        counts = segmentation["counts"]
+        if not isinstance(counts, (list, str, bytes)):
+            raise ValueError(f"RLE counts must be a list or a string, not {type(counts).__name__}")
+        encoded = counts
+    else:
+        raise ValueError("segmentation must be an HxW binary mask or an RLE dict with 'size' and 'counts'")
+    if size is not None and (h, w) != tuple(size):
+        raise ValueError(f"segmentation of size {h}x{w} does not match the {size[0]}x{size[1]} image")
+    if encoded is None:
+        return mask_utils.encode(np.asfortranarray(segmentation.astype(np.uint8)))
+    if isinstance(encoded, list):
+        return mask_utils.frPyObjects({"size": [h, w], "counts": encoded}, h, w)
+    return {"size": [h, w], "counts": encoded.encode("ascii") if isinstance(encoded, str) else encoded}
 
 
 def _segment_cumsum(values: np.ndarray, segment: np.ndarray) -> np.ndarray:

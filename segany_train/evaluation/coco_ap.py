@@ -9,10 +9,11 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from segany_train.data.rle import coco_rle
 
 OBJECT_CATEGORY = 1
 # COCOeval.stats in order, with COCOeval's default limits (1, 10, 100): AP and the size-range stats
@@ -21,22 +22,6 @@ STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
     "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large",
 )  # fmt: skip
-
-
-def to_coco_rle(segmentation: Any) -> dict[str, Any]:
-    """A compressed COCO RLE (bytes counts) from a compressed RLE (str or bytes counts), an
-    uncompressed RLE (counts a list of run lengths) or an HxW binary mask."""
-    if isinstance(segmentation, np.ndarray):
-        if segmentation.ndim != 2:
-            raise ValueError(f"a binary mask must be HxW, got shape {segmentation.shape}")
-        return mask_utils.encode(np.asfortranarray(segmentation.astype(np.uint8)))
-    if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
-        raise ValueError("segmentation must be a binary mask or an RLE dict with 'size' and 'counts'")
-    h, w = (int(v) for v in segmentation["size"])
-    counts = segmentation["counts"]
-    if isinstance(counts, list):
-        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def _image_entries(gt_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,7 +65,7 @@ def coco_mask_ap(
     COCO's 100 cuts SA-1B-like images (about 100 GT masks, more predictions) short: raise it there.
 
     gt_records: one SA-1B record per image ({"image": {height, width, ...}, "annotations": [...]}).
-    predictions[i]: image i's masks, each a dict with "segmentation" (see `to_coco_rle`) and
+    predictions[i]: image i's masks, each a dict with "segmentation" (see `segany_train.data.rle.coco_rle`) and
     "predicted_iou" (the score), as `SamAutomaticMaskGenerator.generate` returns them. A stat with
     no GT in its range is -1, as COCOeval reports it.
     """
@@ -93,9 +78,9 @@ def coco_mask_ap(
     for i, (record, masks) in enumerate(zip(gt_records, predictions)):
         size = [record["image"]["height"], record["image"]["width"]]
         for ann in record["annotations"]:
-            gt_anns.append(_annotation(to_coco_rle(ann["segmentation"]), len(gt_anns) + 1, i))
+            gt_anns.append(_annotation(coco_rle(ann["segmentation"]), len(gt_anns) + 1, i))
         for mask in masks:
-            rle = to_coco_rle(mask["segmentation"])
+            rle = coco_rle(mask["segmentation"])
             if list(rle["size"]) != size:
                 raise ValueError(f"image {i}: a predicted mask is {rle['size']} but the image is {size}")
             dt_anns.append(_annotation(rle, len(dt_anns) + 1, i, score=float(mask["predicted_iou"])))

@@ -23,12 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segany_train.data.mask_iou import dense_mask_iou
 from segany_train.data.pipeline import SkipLog, collate_training_samples, training_pipeline
 from segany_train.data.rle import decode_rles_at
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam
 from segany_train.training.module import normalize_images
-from segany_train.training.losses import mask_iou
 from segany_train.training.rollout import RolloutConfig, interactive_ious
 from segany_train.transforms import ResizeLongestSide
 
@@ -118,7 +118,7 @@ class FullResolutionIoU:
             for start in range(0, rows.numel(), chunk):
                 part = rows[start : start + chunk]
                 full = self.sam.postprocess_masks(logits[part].float(), input_size, (h, w))  # c x 3 x H x W
-                out[part] = mask_iou(full, gt[start : start + chunk], self.sam.mask_threshold)
+                out[part] = dense_mask_iou(full > self.sam.mask_threshold, gt[start : start + chunk])
         return out
 
 

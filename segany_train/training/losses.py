@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from segany_train.data.mask_iou import dense_mask_iou
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -37,15 +39,6 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor, smooth: float = 1.0) -> to
     return 1 - (2 * inter + smooth) / (prob.sum(-1) + target.sum(-1) + smooth)
 
 
-def mask_iou(logits: torch.Tensor, gt: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """IoU of the thresholded prediction with the GT: NxMxHxW, NxHxW -> NxM (1 when both are empty)."""
-    pred = logits > threshold
-    target = gt[:, None]
-    inter = (pred & target).flatten(2).sum(-1).float()
-    union = (pred | target).flatten(2).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 @dataclass
 class IterationLoss:
     """Loss parts of one decoder iteration, each already summed over masks (divide by the mask count)."""
@@ -69,7 +62,7 @@ def sam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, wei
     mask_loss = weights.focal * focal + weights.dice * dice  # N x M
     best = mask_loss.argmin(dim=1)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    true_iou = mask_iou(logits.detach(), gt)
+    true_iou = dense_mask_iou(logits.detach() > 0, gt)
     if weights.iou_loss == "mse":
         iou_loss = F.mse_loss(iou_pred, true_iou, reduction="none").mean(1)
     elif weights.iou_loss == "l1":

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
+from segany_train.data.mask_iou import dense_mask_iou
 from segany_train.model import IGNORE_LABEL, Sam
 from segany_train.model.prompt_encoder import NOT_A_POINT
-from segany_train.training.losses import mask_iou
 from segany_train.prompting import (
     box_to_points,
     boxes_from_masks,
@@ -200,7 +200,7 @@ def interactive_ious(
             per_output = measure(out.logits)  # N x 3
         else:
             logits = out.logits if valid is None else out.logits.masked_fill(~valid[:, None], float("-inf"))
-            per_output = mask_iou(logits, gt, sam.mask_threshold)  # N x 3
+            per_output = dense_mask_iou(logits > sam.mask_threshold, gt)  # N x 3
         best = out.iou_pred.argmax(dim=1)
         predicted = out.iou_pred.gather(1, best[:, None])[:, 0]
         ious[out.interactions] = ClickIoU(per_output.gather(1, best[:, None])[:, 0], per_output.amax(dim=1), predicted)
