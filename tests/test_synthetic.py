@@ -166,3 +166,17 @@ def test_a_corpus_records_only_settings_that_differ_from_the_defaults(tmp_path):
     assert json.loads((tmp_path / "b" / "synthetic.json").read_text())["style"] == "tinted"
     with pytest.raises(ValueError, match="holds a synthetic corpus made with"):
         write_synthetic_corpus(tmp_path / "b", num_images=1, progress=False, **SMALL)
+
+
+def test_label_map_objects_are_the_visible_wholes_and_fluorescent_background_is_dark():
+    from segany_train.data.synthetic import generate_label_map
+
+    scene = {"size": 96, "min_objects": 3, "max_objects": 6, "min_radius": 0.1, "max_radius": 0.3, "style": "fluorescent"}
+    image, labels = generate_label_map(2, seed=4, **scene)
+    same_image, masks = generate_image(2, seed=4, **scene)
+    np.testing.assert_array_equal(image, same_image)
+    objects = [labels == v for v in range(1, int(labels.max()) + 1)]
+    assert objects and all(obj.any() for obj in objects)
+    assert all(any(np.array_equal(obj, m) for m in masks) for obj in objects)  # each object is one of the corpus's masks
+    background, foreground = image[labels == 0].mean(), image[labels > 0].mean()
+    assert background < 0.4 * foreground

@@ -49,6 +49,7 @@ ANNOTATIONS_PER_IMAGE = 1000  # annotation id = image id * ANNOTATIONS_PER_IMAGE
 MAX_PARTS = 3
 SHAPES = ("ellipse", "rectangle", "polygon", "star", "blob")
 SHARD_PREFIX = "sa_"
+FLUORESCENT_BACKGROUND = 0.1  # the fluorescent style's background brightness, relative to its objects
 SETTINGS_NAME = "synthetic.json"  # the generation settings of a corpus directory, checked on resume
 
 
@@ -165,12 +166,16 @@ def _palette(rng: np.random.Generator, style: str) -> np.ndarray:
     textured: any colours (uniform RGB), so most boundaries have a colour contrast; tinted: one hue
     at six lightness levels, like a stained microscopy slide, so boundaries are lightness and
     texture only. The two styles are the built-in "public data" and "new domain" of the engine.
+    fluorescent: one hue at six bright levels for the objects over a background darkened to about a
+    tenth of them (`_render_scene`), like a fluorescence micrograph: the new domain of the README's
+    fine-tuning demonstration, which neither the seed nor the engine's pool shows.
     """
     if style == "textured":
         return rng.uniform(0, 255, (6, 3)).astype(np.float32)
     hue = rng.uniform(0.25, 1.0, 3)
     hue /= hue.max()
-    return (hue[None, :] * rng.uniform(40, 255, (6, 1))).astype(np.float32)
+    low = 120 if style == "fluorescent" else 40
+    return (hue[None, :] * rng.uniform(low, 255, (6, 1))).astype(np.float32)
 
 
 def _render_scene(
@@ -179,7 +184,7 @@ def _render_scene(
     """(size x size x 3 uint8 image, size x size uint16 label map, the (body id, last part id) of each object)."""
     size = scene.size
     palette = _palette(rng, scene.style)
-    canvas = _background(rng, size, palette)
+    canvas = _background(rng, size, palette * np.float32(FLUORESCENT_BACKGROUND) if scene.style == "fluorescent" else palette)
     texture = _smooth_noise(rng, size, int(rng.integers(12, 40)))
     labels = np.zeros((size, size), np.uint16)
     objects: list[tuple[int, int]] = []
@@ -230,7 +235,7 @@ def _mask_stack(labels: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray
     return stack
 
 
-STYLES = ("textured", "tinted")
+STYLES = ("textured", "tinted", "fluorescent")
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,23 @@ def generate_image(index: int, *, seed: int = 0, **scene: Any) -> tuple[np.ndarr
     """
     image, stack = _render(index, seed, SceneSettings(**scene))
     return image, [np.ascontiguousarray(stack[:, :, k], dtype=bool) for k in range(stack.shape[2])]
+
+
+def generate_label_map(index: int, *, seed: int = 0, **scene: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` as (size x size x 3 uint8 image, size x size uint16 instance label map): each
+    object (its body and parts together) one id 1..N in depth order, its visible pixels only, 0 the
+    background; objects with fewer than MIN_VISIBLE_AREA visible pixels are background. The layout
+    microscopy tools write (and `segany-convert label-maps` reads); parts are not separate objects."""
+    rng = np.random.default_rng([seed, index])  # the same stream as `generate_image`: the same scene
+    image, labels, objects = _render_scene(rng, SceneSettings(**scene))
+    instances = np.zeros(labels.shape, np.uint16)
+    next_id = 1
+    for first, last in objects:
+        visible = (labels >= first) & (labels <= last)
+        if np.count_nonzero(visible) >= MIN_VISIBLE_AREA:
+            instances[visible] = next_id
+            next_id += 1
+    return image, instances
 
 
 def _sample(index: int, seed: int, scene: SceneSettings) -> tuple[str, bytes, dict[str, Any]]:

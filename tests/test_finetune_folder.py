@@ -1,0 +1,110 @@
+"""experiment=finetune_folder through the real Hydra config and Lightning Trainer, shrunk: a folder of
+label-map PNGs converted once, the shipped seed scored before and after, the report written, and a
+rerun resuming with the conversion and the "before" figures reused."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from segany_train.finetune_folder import MODES, FinetuneConfigError, apply_finetune_mode, finetune_folder, folder_source
+from segany_train.train import CONFIG_DIR, build_model
+from segany_train.data.synthetic import generate_label_map
+from segany_train.model import build_sam_from_checkpoint
+from segany_train.model.checkpoint import load_checkpoint_file
+
+
+def _write_folder(root: Path, count: int = 8) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(count):
+        image, labels = generate_label_map(i, seed=3, size=96, min_objects=2, max_objects=3, min_radius=0.15, max_radius=0.3, style="fluorescent")
+        Image.fromarray(image).save(root / "images" / f"cell{i}.png")
+        Image.fromarray(labels).save(root / "labels" / f"cell{i}.png")
+    return root
+
+
+def _compose(folder: Path, run_dir: Path, *extra: str):
+    overrides = [
+        "experiment=finetune_folder",
+        f"data.folder={folder}",
+        f"run_dir={run_dir}",
+        "data.val_fraction=0.25",
+        "data.batch_size=2",
+        "data.max_masks=2",
+        "data.num_workers=0",
+        "prompting.num_iterations=2",
+        "prompting.num_correction_clicks=1",
+        "callbacks.progress_bar=false",
+        "callbacks.checkpoint_every_n_steps=1",
+        "logger.log_images_every_n_steps=0",
+        "finetune.eval_max_images=2",
+        "finetune.overlays=1",
+        *extra,
+    ]
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def test_modes_set_what_trains(tmp_path: Path) -> None:
+    counts = {}
+    for mode in MODES:
+        cfg = _compose(tmp_path, tmp_path / "run", f"finetune.mode={mode}", "model.checkpoint=null")
+        apply_finetune_mode(cfg)
+        sam = build_model(cfg.model)
+        trainable = {name.split(".")[0] for name, p in sam.named_parameters() if p.requires_grad}
+        counts[mode] = sum(p.numel() for p in sam.parameters() if p.requires_grad)
+        if mode == "decoder":
+            assert trainable == {"mask_decoder"}
+        elif mode == "lora":
+            lora = {name for name, p in sam.image_encoder.named_parameters() if p.requires_grad}
+            assert lora and all("lora_" in name for name in lora) and trainable == {"image_encoder", "mask_decoder"}
+        else:
+            assert trainable == {"image_encoder", "prompt_encoder", "mask_decoder"}
+    assert counts["decoder"] < counts["lora"] < counts["full"]
+    cfg = _compose(tmp_path, tmp_path / "run", "finetune.mode=half")
+    with pytest.raises(FinetuneConfigError, match="finetune.mode must be one of"):
+        apply_finetune_mode(cfg)
+
+
+def test_layout_is_detected_or_named(tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "data", count=1)
+    assert folder_source(_compose(folder, tmp_path / "run").data).layout == "label-maps"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FinetuneConfigError, match="cannot tell the layout"):
+        folder_source(_compose(tmp_path / "empty", tmp_path / "run").data)
+
+
+def test_finetune_folder_runs_reports_and_resumes(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    folder = _write_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    summary = finetune_folder(_compose(folder, run_dir, "finetune.mode=lora", "trainer.max_steps=2"))
+    report_dir = run_dir / "finetune"
+    assert summary["steps"] == 2 and summary["mode"] == "lora"
+    assert summary["start_checkpoint"].endswith("engine_seed.pt")
+    for key in ("before", "after"):
+        assert 0.0 <= summary[key]["miou_1"] <= 1.0 and len(summary[key]["miou_1_ci"]) == 2
+        assert summary[key]["eval_images"] == 2
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    report = (report_dir / "report.md").read_text()
+    assert "| before (start) |" in report and "| after (fine-tuned) |" in report and "mIoU@1" in report
+    assert len(summary["overlays"]) == 1 and Image.open(summary["overlays"][0]).size[0] > 3 * 96
+    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["conversion.json", "train", "val"]
+    # the fine-tuned weights differ from the seed's only where training reached (LoRA merged: the encoder's qkv, and the decoder)
+    seed = build_sam_from_checkpoint(load_checkpoint_file(Path(summary["start_checkpoint"]))).state_dict()
+    tuned = build_sam_from_checkpoint(load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")).state_dict()
+    changed = {k for k in seed if not torch.equal(seed[k], tuned[k])}
+    assert changed and all(k.startswith("mask_decoder.") or k.endswith("attn.qkv.weight") for k in changed)
+    assert any(k.endswith("attn.qkv.weight") for k in changed)
+    before_mtime = (report_dir / "before.json").stat().st_mtime_ns
+    converted_mtime = (run_dir / "data" / "conversion.json").stat().st_mtime_ns
+    again = finetune_folder(_compose(folder, run_dir, "finetune.mode=lora", "trainer.max_steps=3"))
+    assert again["steps"] == 3  # resumed from step 2
+    assert (report_dir / "before.json").stat().st_mtime_ns == before_mtime
+    assert (run_dir / "data" / "conversion.json").stat().st_mtime_ns == converted_mtime
+    assert again["before"] == summary["before"]
+    assert np.isfinite(again["after"]["miou_5"])
