@@ -239,9 +239,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    from segany_train.finetune_folder import FinetuneConfigError, finetune_folder
+
     try:
+        if cfg.get("finetune") is not None:  # experiment=finetune_folder: convert, score, train, score, report
+            summary = finetune_folder(cfg)
+            print(Path(summary["report_dir"], "report.md").read_text())
+            return
         metrics = train(cfg)
-    except (SamCheckpointError, FileNotFoundError, RunConfigError) as error:
+    except (SamCheckpointError, FileNotFoundError, RunConfigError, FinetuneConfigError) as error:
         sys.exit(f"segany-train: error: {error}")
     except NoUsableSamples as error:
         # from a DataLoader worker the message carries the worker's traceback; its last line is ours
