@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine import box_detector
+from data_engine.box_detection.detection import detect_boxes
+from data_engine.box_detection.head_file import load_box_head, save_box_head
+from data_engine.box_detection.training import train_box_detector
 from segany_train.amg.mask_ops import box_nms, masks_to_boxes, stability_score
 from segany_train.model import Sam
 from segany_train.predictor import SamPredictor
@@ -18,10 +20,10 @@ from segany_train.predictor import SamPredictor
 
 def train_prefill_detector(sam: Sam, shards: list[str], out_dir: Path, *, settings: Any, seed: int, progress: bool = True) -> Path:
     """Trains the class-agnostic box head on the frozen embeddings of `sam` over the annotated shards."""
-    head = box_detector.train_box_detector(
+    head = train_box_detector(
         sam, shards, steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, seed=seed, progress=progress
     )
-    return box_detector.save_box_head(head, Path(out_dir) / "box_head.pt")
+    return save_box_head(head, Path(out_dir) / "box_head.pt")
 
 
 class BoxPrefill:
@@ -35,13 +37,13 @@ class BoxPrefill:
 
     @classmethod
     def from_files(cls, head_path: str | Path, predictor: SamPredictor, *, settings: Any) -> "BoxPrefill":
-        return cls(box_detector.load_box_head(head_path), predictor, settings=settings)
+        return cls(load_box_head(head_path), predictor, settings=settings)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> list[np.ndarray]:
         s, sam = self.settings, self.predictor.model
         self.predictor.set_image(image)
-        boxes, _ = box_detector.detect_boxes(
+        boxes, _ = detect_boxes(
             self.head,
             self.predictor.get_image_embedding(),
             score_threshold=s.score_threshold,

@@ -7,24 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from data_engine.box_detector import (
-    BoxTargets,
-    box_slots,
-    decode_boxes,
-    detect_boxes,
-    encode_images,
-    encode_targets,
-    encode_training_data,
-    fit_box_head,
-    load_box_head,
-    save_box_head,
-    train_box_detector,
-    xywh_to_input_xyxy,
-)
-from data_engine.box_head import BoxHead, BoxHeadConfig
+from data_engine.box_detection.box_head import BoxHead, BoxHeadConfig
+from data_engine.box_detection.box_targets import BoxTargets, box_slots, decode_boxes, encode_targets
+from data_engine.box_detection.detection import detect_boxes
+from data_engine.box_detection.head_file import load_box_head, save_box_head
+from data_engine.box_detection.image_embeddings import encode_images
+from data_engine.box_detection.training import fit_box_head, train_box_detector
+from data_engine.box_detection.training_data import encode_training_data, xywh_to_input_xyxy
+from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.evaluation.automatic import decode_record_image
 from segany_train.model import build_sam_by_name
 from segany_train.predictor import SamPredictor
 
@@ -294,3 +286,14 @@ def test_bad_input_gets_a_clear_error(sam, encoded, corpus, tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a box head"):
         load_box_head(tmp_path / "other.pt")
+
+
+def test_spooled_embeddings_train_the_head_that_in_memory_ones_train(sam, corpus, encoded):
+    embeddings, boxes = encoded
+    in_memory, _ = encode_images(sam, [image for image, _ in corpus[1]])
+    # the spool keeps the encoder's layout: same values, same strides, so the same arithmetic
+    assert torch.equal(embeddings, in_memory) and embeddings.stride() == in_memory.stride()
+    options = dict(stride=16.0, steps=6, lr=3e-3, batch_size=3, seed=1, hidden=16, progress=False)
+    (spooled, spooled_losses), (kept, kept_losses) = fit_box_head(embeddings, boxes, **options), fit_box_head(in_memory, boxes, **options)
+    assert spooled_losses == kept_losses
+    assert all(torch.equal(spooled.state_dict()[k], kept.state_dict()[k]) for k in kept.state_dict())

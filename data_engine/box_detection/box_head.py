@@ -53,7 +53,7 @@ class BoxHeadConfig:
 class BoxHead(nn.Module):
     """BxCxhxw image embeddings -> (objectness logits BxSxhxw, box parameters BxSx4xhxw) for S size
     slots. Box parameters per cell (i, j) are (dx, dy, log w, log h): the box centre's offset from the
-    cell centre and the box size, all in cells (see `box_detector.decode_boxes`)."""
+    cell centre and the box size, all in cells (see `box_targets.decode_boxes`)."""
 
     def __init__(self, config: BoxHeadConfig) -> None:
         super().__init__()
