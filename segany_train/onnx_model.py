@@ -24,8 +24,9 @@ class SamOnnxModel(nn.Module):
     M is every mask token (token 0 the single-mask output, 1.. the ambiguity masks), or 1 with
     `return_single_mask` (chosen from the number of points, see `select_single_mask`).
 
-    The decoder runs its plain path: no prompt chunking and no shared image keys, which are Python
-    control flow on tensor values and shapes that a trace would freeze. The maths is the same.
+    The decoder runs its reference path, `MaskDecoder.predict_masks` (the official algorithm): the
+    fast path's prompt chunking and shared image keys are Python control flow on tensor values and
+    shapes that a trace would freeze.
     """
 
     def __init__(self, model: Sam, *, return_single_mask: bool, use_stability_score: bool = False) -> None:
@@ -44,23 +45,6 @@ class SamOnnxModel(nn.Module):
         has = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return has * self.prompt_encoder.embed_masks(mask_input) + (1 - has) * no_mask
-
-    def decode_all_tokens(
-        self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """1xCxhxw embeddings, 1xTxC sparse and 1xCxhxw dense prompts -> logits 1xMx4hx4w, IoU 1xM for
-        every mask token."""
-        decoder = self.mask_decoder
-        b, c, h, w = image_embeddings.shape
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])[None].expand(b, -1, -1)
-        tokens = torch.cat([output_tokens, sparse], dim=1)
-        hs, keys = decoder.transformer(image_embeddings + dense, self.prompt_encoder.get_dense_pe(), tokens)
-        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))  # B x C/8 x 4h x 4w
-        hyper_in = torch.stack(
-            [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-        )  # B x M x C/8
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(b, -1, 4 * h, 4 * w)
-        return masks, decoder.iou_prediction_head(hs[:, 0, :])
 
     def stability_score(self, masks: torch.Tensor) -> torch.Tensor:
         """IoU between the masks thresholded at threshold +/- offset: BxMxHxW -> BxM."""
@@ -106,7 +90,8 @@ class SamOnnxModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
         dense = self.embed_dense(mask_input, has_mask_input)
-        low_res, scores = self.decode_all_tokens(image_embeddings, sparse, dense)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        low_res, scores = self.mask_decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
         if self.use_stability_score:
             scores = self.stability_score(low_res)
         if self.return_single_mask:

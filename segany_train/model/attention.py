@@ -1,9 +1,15 @@
 """Multi-head attention of the mask decoder, with projections to a (down-sampled) internal dim.
 
-Besides the plain forward, two exact re-associations for the decoder's cross-attentions, where one
-side has a handful of prompt tokens (T ~ 7) and the other the 4096 image tokens. A projection of the
-image side costs HW*C*Ci MACs per prompt; folding it into the token side costs HW*C*(heads*T), which
-is 2-3x less for SAM (Ci=128 vs heads*T=56). The maths is the same:
+`forward` is the reference: the official algorithm (project q, k and v, attend, project out). The
+decoder's fast path uses two exact re-associations for its cross-attentions, where one side has a
+handful of prompt tokens (T ~ 7) and the other the 4096 image tokens:
+- the image side belongs to one prompt (`tokens_to_image`, `image_to_tokens`): a projection of the
+  image tokens costs HW*C*Ci MACs per prompt; folding it into the token side costs HW*C*(heads*T),
+  2-3x less for SAM (Ci=128 vs heads*T=56);
+- the image side is shared by all prompts of an image (`attend` on the cached projections,
+  `shared_image_to_tokens`): the image tokens are projected once per image, and each prompt pays
+  only HW*Ci*T per product, 16x less than folding (C*heads vs Ci).
+The maths is the same:
 - softmax(q W_k x^T + q.b_k) = softmax((q W_k) x^T): the key bias adds a constant per query row;
 - P (x W_v^T + b_v) = (P x) W_v^T + b_v: each row of P sums to one;
 - out_proj(P V) = sum over heads of P_h (V_h W_o,h^T): the output projection distributes over heads.
@@ -47,11 +53,18 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Plain attention. key_mask: BxNk bool, False for keys to ignore (batch padding)."""
-        q = self.split_heads(self.q_proj(q))
-        k = self.split_heads(self.k_proj(k))
-        v = self.split_heads(self.v_proj(v))
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v), key_mask)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward` after the input projections: q BxNqxCi, k and v BxNkxCi -> BxNqxC.
+
+        Split from `forward` so that image tokens projected once can serve many prompts' queries.
+        """
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        return self.out_proj(self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        out = F.scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v), attn_mask=mask)
+        return self.out_proj(self.merge_heads(out))
 
     def _per_head(self, weight: torch.Tensor) -> torch.Tensor:
         """A Ci x C projection weight as heads x d x C."""
@@ -133,12 +146,3 @@ class Attention(nn.Module):
         value_out = torch.einsum("nthd,chd->nhtc", value.view(n, t, h, -1), out_w).reshape(n, h * t, -1)  # N x hT x C
         bias = self.out_proj.bias if residual is None else residual + self.out_proj.bias
         return torch.baddbmm(bias, probs.reshape(n, h * t, hw).transpose(1, 2), value_out)
-
-    def tokens_to_shared_image(self, q: torch.Tensor, k_image: torch.Tensor, v_image: torch.Tensor) -> torch.Tensor:
-        """Tokens of N prompts against one image: q NxTxC, k_image and v_image HWxCi (projected) -> NxTxC."""
-        n, t, _ = q.shape
-        query = self.split_heads(self.q_proj(q).reshape(1, n * t, -1))  # 1 x h x NT x d
-        key = self.split_heads(k_image[None])
-        value = self.split_heads(v_image[None])
-        out = self.merge_heads(F.scaled_dot_product_attention(query, key, value))  # 1 x NT x Ci
-        return self.out_proj(out.view(n, t, -1))

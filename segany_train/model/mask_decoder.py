@@ -1,5 +1,8 @@
 """SAM's mask decoder: two-way transformer, upscaling, hypernetwork mask heads and the IoU head."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,6 +20,10 @@ class MaskDecoder(nn.Module):
     1 (single-mask token) or `num_multimask_outputs`. Prompts are decoded `prompt_chunk_size` at a
     time: the per-prompt activations (several MB each) then stay in cache, which measured 1.4x
     faster at 64 prompts on 2 cores than one big batch, and bounds memory for large batches.
+
+    Two paths compute the same maths: the fast one (default), and with `reference` set (or inside
+    `reference_path()`) the official algorithm, `predict_masks`, which the ONNX export traces and the
+    benchmarks time as their baseline.
     """
 
     def __init__(
@@ -32,6 +39,7 @@ class MaskDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.prompt_chunk_size = prompt_chunk_size
+        self.reference = False
         self.transformer_dim = transformer_dim
         self.transformer = transformer
         self.num_multimask_outputs = num_multimask_outputs
@@ -72,21 +80,20 @@ class MaskDecoder(nn.Module):
         image_index: N image indices; when omitted, a single image serves every prompt or image i
         serves prompt i (the official conventions). token_mask: NxT, False for batch padding tokens.
         shared_keys: `prepare_shared_keys` output to reuse across calls on the same images; used only
-        when the dense prompt is the "no mask" embedding they were made from (ignored otherwise).
+        when the dense prompt is the "no mask" embedding they were made from (ignored otherwise, and
+        by the reference path).
         """
+        outputs = self._output_slice(multimask_output)
+        if self.reference:
+            masks, iou = self.predict_masks(
+                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_index, token_mask
+            )
+            return masks[:, outputs], iou[:, outputs]
         n = sparse_prompt_embeddings.shape[0]
         image_index = self._resolve_image_index(
             image_embeddings.shape[0], n, image_index, sparse_prompt_embeddings.device
         )
-        tokens = torch.cat(
-            [
-                torch.cat([self.iou_token.weight, self.mask_tokens.weight]).expand(n, -1, -1),
-                sparse_prompt_embeddings,
-            ],
-            dim=1,
-        )  # N x (1 + masks + T) x C
-        if token_mask is not None:
-            token_mask = torch.cat([token_mask.new_ones(n, 1 + self.num_mask_tokens), token_mask], dim=1)
+        tokens, token_mask = self._prompt_tokens(sparse_prompt_embeddings, token_mask)
         shared = self._dense_is_shared(dense_prompt_embeddings)
         if shared_keys is not None and not self._dense_is_no_mask(dense_prompt_embeddings):
             # the keys were made without a mask prompt and this dense carries one: a single-row
@@ -104,12 +111,68 @@ class MaskDecoder(nn.Module):
             else:
                 src = image_embeddings[image_index[rows]] + dense_prompt_embeddings[rows]
                 hs, src = self.transformer(src, image_pe, tokens[rows], mask_rows)
-            chunk_masks, chunk_iou = self._heads(hs, src, image_embeddings.shape[-2:], multimask_output)
+            chunk_masks, chunk_iou = self._heads(hs, src, image_embeddings.shape[-2:], outputs)
             masks.append(chunk_masks)
             iou.append(chunk_iou)
         if len(masks) == 1:
             return masks[0], iou[0]
         return torch.cat(masks), torch.cat(iou)
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference path: the official algorithm, for every mask token.
+
+        Arguments as `forward`'s. Each prompt gets its own copy of its image's embedding plus its
+        dense prompt, every attention is the plain one, the upscaling runs the transposed
+        convolutions; nothing is chunked or shared between prompts. Returns NxKx4hx4w logits and NxK
+        IoU for all K mask tokens (token 0 the single-mask output).
+        """
+        n = sparse_prompt_embeddings.shape[0]
+        image_index = self._resolve_image_index(
+            image_embeddings.shape[0], n, image_index, sparse_prompt_embeddings.device
+        )
+        tokens, token_mask = self._prompt_tokens(sparse_prompt_embeddings, token_mask)
+        src = image_embeddings[image_index] + dense_prompt_embeddings
+        hs, keys = self.transformer(src, image_pe, tokens, token_mask, reference=True)
+        _, c, h, w = src.shape
+        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))  # N x C/8 x 4h x 4w
+        hyper_in = torch.stack(
+            [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # N x K x C/8
+        masks = (hyper_in @ upscaled.flatten(2)).view(n, -1, *upscaled.shape[-2:])
+        return masks, self.iou_prediction_head(hs[:, 0, :])
+
+    @contextmanager
+    def reference_path(self) -> Iterator["MaskDecoder"]:
+        """`with decoder.reference_path():` every call decodes with `predict_masks` (see `reference`)."""
+        previous, self.reference = self.reference, True
+        try:
+            yield self
+        finally:
+            self.reference = previous
+
+    def _output_slice(self, multimask_output: bool) -> slice:
+        """The mask tokens returned: the ambiguity masks 1.., or the single-mask token 0."""
+        return slice(1, self.num_mask_tokens) if multimask_output else slice(0, 1)
+
+    def _prompt_tokens(
+        self, sparse: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sparse prompts NxTxC -> the output tokens and the prompts N x (1 + K + T) x C, and the token
+        mask (NxT) extended over the output tokens."""
+        n = sparse.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight]).expand(n, -1, -1)
+        tokens = torch.cat([output_tokens, sparse], dim=1)
+        if token_mask is not None:
+            token_mask = torch.cat([token_mask.new_ones(n, 1 + self.num_mask_tokens), token_mask], dim=1)
+        return tokens, token_mask
 
     @staticmethod
     def _resolve_image_index(
@@ -167,16 +230,15 @@ class MaskDecoder(nn.Module):
         return hs, src
 
     def _heads(
-        self, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int], multimask_output: bool
+        self, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int], outputs: slice
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens NxTxC and image tokens NxHWxC -> masks NxMx4hx4w and IoU NxM."""
+        """Tokens NxTxC and image tokens NxHWxC -> masks NxMx4hx4w and IoU NxM of the `outputs` tokens."""
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
-        first, last = (1, self.num_mask_tokens) if multimask_output else (0, 1)
         hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in range(first, last)], dim=1
+            [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in range(self.num_mask_tokens)[outputs]], dim=1
         )  # N x M x C/8
         masks = self._upscale_and_project(src, grid, hyper_in)
-        return masks, iou_pred[:, first:last]
+        return masks, iou_pred[:, outputs]
 
     def _upscale_and_project(self, src: torch.Tensor, grid: tuple[int, int], hyper_in: torch.Tensor) -> torch.Tensor:
         """output_upscaling and the hypernetwork product, channels-last: src NxHWxC -> NxMx4hx4w.

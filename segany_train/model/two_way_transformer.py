@@ -70,15 +70,28 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
         token_mask: torch.Tensor | None = None,
+        *,
+        reference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries NxTxC, keys NxHWxC, query_pe NxTxC, key_pe (1 or N)xHWxC -> updated (queries, keys)."""
+        """queries NxTxC, keys NxHWxC, query_pe NxTxC, key_pe (1 or N)xHWxC -> updated (queries, keys).
+
+        reference: the cross-attentions as the official model computes them (`Attention.forward`),
+        else re-associated (the fast path; the same maths).
+        """
         queries = self._token_self_attention(queries, query_pe, token_mask)
         keys_pe = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(queries + query_pe, keys_pe, keys))
-        queries = self._token_mlp(queries)
         q = queries + query_pe
-        keys = self.norm4(self.cross_attn_image_to_token.image_to_tokens(keys_pe, q, queries, token_mask, residual=keys))
-        return queries, keys
+        if reference:
+            attn = self.cross_attn_token_to_image(q, keys_pe, keys)
+        else:
+            attn = self.cross_attn_token_to_image.tokens_to_image(q, keys_pe, keys)
+        queries = self._token_mlp(self.norm2(queries + attn))
+        q = queries + query_pe
+        if reference:
+            keys = keys + self.cross_attn_image_to_token(keys_pe, q, queries, token_mask)
+        else:
+            keys = self.cross_attn_image_to_token.image_to_tokens(keys_pe, q, queries, token_mask, residual=keys)
+        return queries, self.norm4(keys)
 
     def prepare_shared_keys(self, keys: torch.Tensor, key_pe: torch.Tensor) -> SharedImageKeys:
         """Everything of this block that depends on the image only: keys BxHWxC, key_pe 1xHWxC."""
@@ -104,9 +117,11 @@ class TwoWayAttentionBlock(nn.Module):
         The image tokens are read, never copied per prompt, until each prompt's image->token update.
         """
         queries = self._token_self_attention(queries, query_pe, token_mask)
-        attn = self.cross_attn_token_to_image.tokens_to_shared_image(
-            queries + query_pe, shared.k_image[image], shared.v_image[image]
-        )
+        n, t, c = queries.shape
+        to_image = self.cross_attn_token_to_image
+        # every prompt's tokens as queries of one batch against the image's cached key/value projections
+        q = to_image.q_proj(queries + query_pe).reshape(1, n * t, -1)
+        attn = to_image.attend(q, shared.k_image[image][None], shared.v_image[image][None]).view(n, t, c)
         queries = self._token_mlp(self.norm2(queries + attn))
         q = queries + query_pe
         keys = self.cross_attn_image_to_token.shared_image_to_tokens(
@@ -152,10 +167,13 @@ class TwoWayTransformer(nn.Module):
         key_pe: torch.Tensor,
         token_mask: torch.Tensor | None,
         first_layer: int,
+        reference: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         for layer in self.layers[first_layer:]:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask)
-        attn = self.final_attn_token_to_image.tokens_to_image(queries + point_embedding, keys + key_pe, keys)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask, reference=reference)
+        q, k = queries + point_embedding, keys + key_pe
+        final = self.final_attn_token_to_image
+        attn = final(q, k, keys) if reference else final.tokens_to_image(q, k, keys)
         return self.norm_final_attn(queries + attn), keys
 
     def forward(
@@ -164,11 +182,16 @@ class TwoWayTransformer(nn.Module):
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
         token_mask: torch.Tensor | None = None,
+        *,
+        reference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding NxCxHxW, image_pe (1 or N)xCxHxW, point_embedding NxTxC, token_mask NxT."""
+        """image_embedding NxCxHxW, image_pe (1 or N)xCxHxW, point_embedding NxTxC, token_mask NxT.
+
+        reference: every attention the official one (see `TwoWayAttentionBlock.forward`).
+        """
         keys = image_embedding.flatten(2).transpose(1, 2)  # N x HW x C
         key_pe = image_pe.flatten(2).transpose(1, 2)
-        return self._finish(point_embedding, keys, point_embedding, key_pe, token_mask, first_layer=0)
+        return self._finish(point_embedding, keys, point_embedding, key_pe, token_mask, first_layer=0, reference=reference)
 
     def prepare_shared_keys(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> SharedImageKeys:
         """The first layer's prompt-independent work for BxCxHxW image tokens (embedding + dense prompt)."""
@@ -185,4 +208,4 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for N prompts on image `image` of `shared`: point_embedding NxTxC."""
         queries, keys = self.layers[0].forward_shared(point_embedding, shared, image, point_embedding, token_mask)
-        return self._finish(queries, keys, point_embedding, shared.key_pe, token_mask, first_layer=1)
+        return self._finish(queries, keys, point_embedding, shared.key_pe, token_mask, first_layer=1, reference=False)
