@@ -2,6 +2,9 @@
 label-map PNGs converted once, the shipped seed scored before and after, the report written, and a
 rerun resuming with the conversion and the "before" figures reused."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +111,12 @@ def test_finetune_folder_runs_reports_and_resumes(tmp_path: Path) -> None:
     assert (run_dir / "data" / "conversion.json").stat().st_mtime_ns == converted_mtime
     assert again["before"] == summary["before"]
     assert np.isfinite(again["after"]["miou_5"])
+
+
+def test_segany_train_entry_refuses_a_missing_folder_in_one_line(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "segany_train.train", "experiment=finetune_folder", f"data.folder={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == f"segany-train: error: data.folder not found: {tmp_path / 'nowhere'}"
