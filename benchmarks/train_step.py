@@ -14,9 +14,8 @@ import torch
 
 from segany_train.cpu_allocator import retain_freed_memory
 from segany_train.model import build_sam_by_name
+from segany_train.prompting.rollout import RolloutConfig, run_rollout
 from segany_train.training.losses import LossWeights, sam_loss
-from segany_train.training.module import normalize_images
-from segany_train.training.rollout import RolloutConfig, run_rollout
 
 
 def peak_rss_gib() -> float:
@@ -41,7 +40,7 @@ def one_step(name: str, images: int, masks: int, iterations: int, clicks: int, c
     before = peak_rss_gib()
 
     start = time.perf_counter()
-    embeddings = sam.image_encoder(normalize_images(sam, batch_images, input_size))
+    embeddings = sam.image_encoder(sam.normalize_padded(batch_images, input_size))
     encoder_forward = time.perf_counter() - start
     leaf = embeddings.detach().requires_grad_()
 

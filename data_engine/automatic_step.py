@@ -24,7 +24,7 @@ from segany_train.data.pipeline import SkipLog, read_records
 from segany_train.data.rle import parse_rles
 from segany_train.data.sa1b import BadSample
 from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
-from segany_train.evaluation.automatic import decode_record_image
+from segany_train.data.image_decoding import decode_record_image
 
 
 def image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.rle import coco_rle
 from segany_train.data.sa1b import BadSample
-from segany_train.evaluation.automatic import decode_record_image
 
 
 @dataclass(frozen=True)

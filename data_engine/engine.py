@@ -35,12 +35,12 @@ from data_engine.retraining import compose_training_config, retrain
 from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import lock_directory
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
-from segany_train.train import CONFIG_DIR
 
 ANNOTATOR_KINDS = ("simulated", "coco_tasks")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result

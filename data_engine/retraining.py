@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segany_train.train import CONFIG_DIR, train
+from segany_train.config_paths import CONFIG_DIR
+from segany_train.train import train
 
 
 def compose_training_config(overrides: list[str]) -> DictConfig:

@@ -35,11 +35,11 @@ from tqdm import tqdm
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.data.datamodule import count_samples
 from segany_train.data.directory_lock import DirectoryLocked, lock_directory
+from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_json_atomically
-from segany_train.evaluation.automatic import decode_record_image
 from segany_train.inference_options import (
     add_generator_arguments,
     add_model_arguments,

@@ -13,35 +13,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.datamodule import SA1BDataModule
 from segany_train.data.pipeline import NoUsableSamples
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam, SamCheckpointError, SamConfig, build_sam_by_name
-from segany_train.model.sam_config import describe_size
-from segany_train.model.checkpoint import load_checkpoint_file
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
+from segany_train.model.checkpoint import load_checkpoint_file
 from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.model.mae import load_mae_encoder
+from segany_train.model.sam_config import describe_size
+from segany_train.prompting.rollout import RolloutConfig
 from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
 from segany_train.training.optim import OptimConfig
 from segany_train.training.overlays import MaskOverlayCallback
-from segany_train.training.rollout import RolloutConfig
 
 FREEZABLE = ("image_encoder", "prompt_encoder", "mask_decoder")
 # how a worker's traceback names the error on its last line
 _NO_USABLE_SAMPLES_PREFIX = f"{NoUsableSamples.__module__}.{NoUsableSamples.__name__}: "
-
-
-def _config_dir() -> Path:
-    """Hydra's configs: `segany_train/conf` in an installed wheel (pyproject.toml ships the
-    repository's conf/ there), else the repository's top-level conf/ beside this package (a checkout
-    or an editable install, where conf/ is the copy to edit)."""
-    package = Path(__file__).resolve().parent
-    return package / "conf" if (package / "conf").is_dir() else package.parent / "conf"
-
-
-CONFIG_DIR = str(_config_dir())
 
 
 def _dataclass_from(cls, node: DictConfig | dict) -> Any:

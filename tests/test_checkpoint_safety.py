@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from segany_train import amg_cli
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.evaluation import cli as evaluation_cli
 from segany_train.inference_options import build_model
 from segany_train.model import SamCheckpointError, build_sam, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
-from segany_train.train import CONFIG_DIR, train
+from segany_train.train import train
 from tests.conftest import TINY, tiny_training_overrides
 from tests.shards import write_shards
 

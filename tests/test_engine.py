@@ -14,9 +14,9 @@ from data_engine.annotator import ImageAnnotation, MaskRecord
 from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import read_labelled_images, split_corpus
 from data_engine.ledger import ConfigChangedError, RunLedger
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.train import CONFIG_DIR
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from data_engine.engine import run_engine
 from data_engine.engine_config_check import EngineConfigError
-from segany_train.train import CONFIG_DIR
+from segany_train.config_paths import CONFIG_DIR
 
 
 def engine_overrides(tmp_path) -> list[str]:

@@ -10,16 +10,16 @@ import torch
 from PIL import Image
 
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli
-from segany_train.evaluation.automatic import decode_record_image
 from segany_train.evaluation.coco_ap import STAT_NAMES, coco_mask_ap
 from segany_train.evaluation.interactive import InteractiveEvalConfig, summarize_interactive, valid_regions
 from segany_train.model import build_sam, build_sam_by_name
-from segany_train.training.rollout import run_rollout
+from segany_train.prompting.rollout import run_rollout
 from tests.conftest import TINY, randomized
 
 # ---------------------------------------------------------------- click placement vs brute force

@@ -26,18 +26,12 @@ from omegaconf import OmegaConf
 
 from data_engine.automatic_step import completed_shard
 from data_engine.corpus import read_labelled_images
-from data_engine.distributed_stage3 import (
-    MissingOutputsError,
-    merge_outputs,
-    run_task,
-    shards_of_task,
-    task_slot,
-)
+from data_engine.distributed_stage3 import MissingOutputsError, merge_outputs, run_task, shards_of_task, task_slot
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.model import build_sam
 from segany_train.model.checkpoint import save_official_checkpoint
-from segany_train.train import CONFIG_DIR
 from tests.conftest import TINY, randomized, tiny_training_overrides
 
 REPO = Path(__file__).resolve().parent.parent

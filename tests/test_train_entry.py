@@ -11,10 +11,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.train import CONFIG_DIR, _dataclass_from, build_datamodule, build_logger, build_model, train
+from segany_train.prompting.rollout import RolloutConfig
+from segany_train.train import _dataclass_from, build_datamodule, build_logger, build_model, train
 from segany_train.training.optim import OptimConfig
-from segany_train.training.rollout import RolloutConfig
 from tests.conftest import tiny_training_overrides
 from tests.shards import write_release_tars
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from segany_train.training.rollout import RolloutConfig, iteration_schedule, run_rollout
+from segany_train.prompting.rollout import RolloutConfig, iteration_schedule, run_rollout
 
 
 def _gt_masks(n: int = 6, side: int = 32) -> torch.Tensor:
@@ -138,10 +138,9 @@ def test_sam2_gt_mask_first_prompt_replaces_points_and_boxes(tiny_sam):
 def test_training_and_validation_never_click_into_the_padding(tiny_sam, tmp_path):
     import lightning as L
 
-    from segany_train.training.module import SamTrainingModule
+    from segany_train.prompting.rollout import interactive_ious
+    from segany_train.training.module import EVAL_ROLLOUT, SamTrainingModule
     from segany_train.training.optim import OptimConfig
-    from segany_train.training.rollout import interactive_ious
-    from segany_train.training.module import EVAL_ROLLOUT, normalize_images
 
     # two 128x40 images (a third of the width holds the image, the rest is padding) whose masks
     # fill the image's left part; the model over-predicts (foreground everywhere, padding included)
@@ -172,7 +171,7 @@ def test_training_and_validation_never_click_into_the_padding(tiny_sam, tmp_path
     valid = torch.zeros(4, 32, 32, dtype=torch.bool)
     valid[:, :, :10] = True
     with torch.no_grad():
-        embeddings = tiny_sam.image_encoder(normalize_images(tiny_sam, images, batch["input_size"]))
+        embeddings = tiny_sam.image_encoder(tiny_sam.normalize_padded(images, batch["input_size"]))
     expected = interactive_ious(tiny_sam, embeddings, gt, batch["image_index"], EVAL_ROLLOUT, valid=valid)
     got = module.interactive_miou(batch)
     for k in got:
@@ -223,7 +222,7 @@ def test_a_frozen_encoder_stays_in_eval_mode_so_drop_path_is_off():
 def test_fine_tuning_does_not_inherit_the_pre_training_drop_path(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from segany_train.train import CONFIG_DIR
+    from segany_train.config_paths import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         pretrain = compose("train", overrides=["model=vit_b", f"run_dir={tmp_path}"])
@@ -235,7 +234,7 @@ def test_fine_tuning_does_not_inherit_the_pre_training_drop_path(tmp_path):
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from segany_train.train import CONFIG_DIR
+    from segany_train.config_paths import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         return compose("train", overrides=overrides)
@@ -254,7 +253,7 @@ def test_the_cosine_schedule_length_follows_max_steps_unless_set(tmp_path):
 
 
 def test_no_trainer_offers_gradient_accumulation_that_manual_optimisation_rejects(tmp_path):
-    from segany_train.train import CONFIG_DIR
+    from segany_train.config_paths import CONFIG_DIR
 
     for trainer in sorted(p.stem for p in (Path(CONFIG_DIR) / "trainer").glob("*.yaml")):
         cfg = _compose([f"trainer={trainer}", f"run_dir={tmp_path}"])
@@ -272,7 +271,7 @@ def test_encoder_activation_checkpointing_is_a_config_value(tmp_path):
 def test_launch_scripts_and_configs_name_only_trainers_that_exist():
     import re
 
-    from segany_train.train import CONFIG_DIR
+    from segany_train.config_paths import CONFIG_DIR
 
     root = Path(CONFIG_DIR).parent
     trainers = {p.stem for p in (Path(CONFIG_DIR) / "trainer").glob("*.yaml")}

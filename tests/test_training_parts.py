@@ -4,16 +4,15 @@ import math
 from dataclasses import asdict
 
 import pytest
-
 import torch
 
 from segany_train.model import SAM_CONFIGS, build_sam, build_sam_by_name, build_sam_from_checkpoint
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.checkpoint import save_official_checkpoint
 from segany_train.model.lora import LoRALinear, add_lora_to_encoder_attention, merge_lora
+from segany_train.prompting.rollout import RolloutConfig, iteration_schedule, run_rollout
 from segany_train.training.losses import LossWeights, dice_loss, focal_loss, sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer, lr_factor
-from segany_train.training.rollout import RolloutConfig, iteration_schedule, run_rollout
 from tests.conftest import TINY, randomized
 
 

@@ -1,6 +1,8 @@
-"""JPEG decoding straight to a target size, using libjpeg's DCT scaling when the target is smaller."""
+"""JPEG decoding straight to a target size, using libjpeg's DCT scaling when the target is smaller,
+and an SA-1B sample's image at full size, checked against its record."""
 
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,3 +34,13 @@ def decode_jpeg_resized(data: bytes, height: int, width: int) -> np.ndarray:
             return np.asarray(img)
     except Exception as error:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError...
         raise BadSample(f"undecodable image: {type(error).__name__}: {error}") from None
+
+
+def decode_record_image(jpeg: bytes, record: dict[str, Any]) -> np.ndarray:
+    """The full-resolution HxWx3 uint8 RGB image of an SA-1B sample; BadSample if it is undecodable
+    or its size differs from the record's."""
+    height, width = record["image"]["height"], record["image"]["width"]
+    actual = jpeg_size(jpeg)
+    if actual != (height, width):
+        raise BadSample(f"JSON says {height}x{width} but the image is {actual[0]}x{actual[1]}")
+    return decode_jpeg_resized(jpeg, height, width)

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
+from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import SkipLog, read_records
 from segany_train.data.sa1b import BadSample, check_masks
 from segany_train.evaluation.coco_ap import coco_mask_ap
@@ -16,16 +16,6 @@ class MaskGenerator(Protocol):
     """What the evaluation needs of `SamAutomaticMaskGenerator`: generate(HxWx3 uint8) -> records."""
 
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]: ...
-
-
-def decode_record_image(jpeg: bytes, record: dict[str, Any]) -> np.ndarray:
-    """The full-resolution HxWx3 uint8 RGB image of an SA-1B sample; BadSample if it is undecodable
-    or its size differs from the record's."""
-    height, width = record["image"]["height"], record["image"]["width"]
-    actual = jpeg_size(jpeg)
-    if actual != (height, width):
-        raise BadSample(f"JSON says {height}x{width} but the image is {actual[0]}x{actual[1]}")
-    return decode_jpeg_resized(jpeg, height, width)
 
 
 def evaluate_automatic_masks(

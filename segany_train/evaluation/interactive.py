@@ -28,8 +28,7 @@ from segany_train.data.pipeline import SkipLog, collate_training_samples, traini
 from segany_train.data.rle import decode_rles_at
 from segany_train.data.training_sample import SampleConfig
 from segany_train.model import Sam
-from segany_train.training.module import normalize_images
-from segany_train.training.rollout import RolloutConfig, interactive_ious
+from segany_train.prompting.rollout import RolloutConfig, interactive_ious
 from segany_train.transforms import ResizeLongestSide
 
 REPORT_CLICKS = (1, 2, 3, 5, 9)
@@ -224,7 +223,7 @@ def evaluate_interactive(
         skipped.update(batch["skipped"])
         gt = batch["masks"].to(device)
         image_index = batch["image_index"].to(device)
-        embeddings = sam.image_encoder(normalize_images(sam, batch["image"].to(device), batch["input_size"].to(device)))
+        embeddings = sam.image_encoder(sam.normalize_padded(batch["image"].to(device), batch["input_size"].to(device)))
         valid = valid_regions(batch["original_size"], mask_size).to(device)[image_index]
         # center clicks are deterministic; the seeded generator keeps the rollout's unused draws off the global RNG
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -8,13 +8,7 @@ from torch.nn import functional as F
 
 from segany_train.model.image_encoder import ImageEncoderViT
 from segany_train.model.mask_decoder import MaskDecoder
-from segany_train.model.prompt_encoder import (
-    BOX_BOTTOM_RIGHT,
-    BOX_TOP_LEFT,
-    IGNORE_LABEL,
-    NOT_A_POINT,
-    PromptEncoder,
-)
+from segany_train.model.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, IGNORE_LABEL, NOT_A_POINT, PromptEncoder
 from segany_train.model.two_way_transformer import SharedImageKeys
 
 
@@ -53,6 +47,15 @@ class Sam(nn.Module):
         x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def normalize_padded(self, images: torch.Tensor, input_size: torch.Tensor) -> torch.Tensor:
+        """Bx3xSxS uint8 images already padded (a data batch), Bx2 (h, w) of each image inside its
+        padding -> normalised, with zeros in the padding: what `preprocess` gives one image."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        side = images.shape[-1]
+        coords = torch.arange(side, device=images.device)
+        inside = (coords[None, :, None] < input_size[:, 0, None, None]) & (coords[None, None, :] < input_size[:, 1, None, None])
+        return x * inside[:, None]
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]

@@ -3,6 +3,8 @@
 Points, boxes and correction clicks for training (SAM appendix A) and the interactive evaluation
 protocol (SAM section 7.1 / RITM). All functions take NxHxW masks on any device and return prompts
 as (x, y) coordinates in a frame `scale` times the mask frame (see `points.py` for the convention).
+`rollout.py` runs them through a `Sam` as the interactive loop that training and evaluation share
+(imported from there: it needs the model, the functions here do not).
 """
 
 from segany_train.prompting.boxes import box_to_points, boxes_from_masks, noisy_boxes

@@ -10,22 +10,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from segany_train.model import Sam
+from segany_train.prompting.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
 from segany_train.training.losses import IterationLoss, LossWeights, sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer
-from segany_train.training.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
 
 # the evaluation protocol: first click at the GT's most interior point, then 8 center clicks
 EVAL_ROLLOUT = RolloutConfig(num_iterations=9, num_correction_clicks=8, box_probability=0.0, click_mode="center")
 EVAL_CLICKS = (1, 3, 5, 9)
-
-
-def normalize_images(sam: Sam, images: torch.Tensor, input_size: torch.Tensor) -> torch.Tensor:
-    """Bx3xSxS uint8 padded images -> normalised, with zeros in the padding (as `Sam.preprocess`)."""
-    x = (images.to(sam.pixel_mean.dtype) - sam.pixel_mean) / sam.pixel_std
-    side = images.shape[-1]
-    coords = torch.arange(side, device=images.device)
-    inside = (coords[None, :, None] < input_size[:, 0, None, None]) & (coords[None, None, :] < input_size[:, 1, None, None])
-    return x * inside[:, None]
 
 
 def valid_regions_from_input_size(input_size: torch.Tensor, image_index: torch.Tensor, img_size: int, mask_size: int) -> torch.Tensor:
@@ -121,7 +112,7 @@ class SamTrainingModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         keep_visual = bool(self.overlay_every_n_steps) and self.global_step % self.overlay_every_n_steps == 0
         optimizer.zero_grad()
-        embeddings = self.sam.image_encoder(normalize_images(self.sam, batch["image"], batch["input_size"]))
+        embeddings = self.sam.image_encoder(self.sam.normalize_padded(batch["image"], batch["input_size"]))
         leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
         gt, image_index = batch["masks"], batch["image_index"]
         norm = self._mask_count(gt.shape[0])
@@ -187,7 +178,7 @@ class SamTrainingModule(L.LightningModule):
     @torch.no_grad()
     def interactive_miou(self, batch: dict, rollout: RolloutConfig = EVAL_ROLLOUT) -> dict[int, torch.Tensor]:
         """Per-mask IoU after k interactions under the evaluation protocol: {k: N}."""
-        embeddings = self.sam.image_encoder(normalize_images(self.sam, batch["image"], batch["input_size"]))
+        embeddings = self.sam.image_encoder(self.sam.normalize_padded(batch["image"], batch["input_size"]))
         ious = interactive_ious(
             self.sam, embeddings, batch["masks"], batch["image_index"], rollout, valid=self._valid(batch), generator=self._generator()
         )

@@ -12,10 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segany_train import SamPredictor, amg_cli
+from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli as eval_cli
-from segany_train.train import CONFIG_DIR, train
-from segany_train.training.rollout import RolloutConfig, run_rollout
+from segany_train.prompting.rollout import RolloutConfig, run_rollout
+from segany_train.train import train
 from tests.conftest import tiny_training_overrides
 
 pytestmark = pytest.mark.gpu
