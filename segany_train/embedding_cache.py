@@ -1,0 +1,55 @@
+"""Image embeddings kept per annotation task, so that a click costs one decoder pass.
+
+An annotator clicks many times on one image and moves between a few images: the encoder (nearly all
+of SAM's cost) runs once per image, and the least recently used images are dropped beyond a bound.
+Each cached image also keeps the low-res logits the model answered with per prompt sequence, so the
+next click on the same region can feed the previous mask back as SAM's mask prompt.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segany_train.model.sam import Sam
+from segany_train.predictor import SamPredictor
+
+
+@dataclass
+class CachedImage:
+    """One image's predictor (embedding set) and the logits answered per prompt sequence."""
+
+    predictor: SamPredictor
+    logits_by_prompts: dict[Hashable, np.ndarray] = field(default_factory=dict)
+
+
+class EmbeddingCache:
+    """At most `capacity` images' embeddings, least recently used dropped first."""
+
+    def __init__(self, model: Sam, *, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the embedding cache needs a capacity >= 1, got {capacity}")
+        self.model = model
+        self.capacity = capacity
+        self._images: OrderedDict[Hashable, CachedImage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._images
+
+    def get(self, key: Hashable, load_image: Callable[[], np.ndarray]) -> CachedImage:
+        """The cached image for `key`; on a miss `load_image()` gives the HxWx3 uint8 RGB pixels and
+        the encoder runs."""
+        cached = self._images.get(key)
+        if cached is not None:
+            self._images.move_to_end(key)
+            return cached
+        predictor = SamPredictor(self.model)
+        predictor.set_image(load_image())
+        cached = self._images[key] = CachedImage(predictor)
+        while len(self._images) > self.capacity:
+            self._images.popitem(last=False)
+        return cached
