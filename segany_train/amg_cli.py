@@ -15,10 +15,8 @@ matches the image bytes.
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -38,8 +36,9 @@ from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
+from segany_train.data.rle import coco_rle
 from segany_train.data.sa1b import BadSample, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_bytes_atomically, write_json_atomically
 from segany_train.inference_options import (
     add_generator_arguments,
     add_model_arguments,
@@ -158,13 +157,7 @@ class DecodedMasks(Sequence):
 
     def __getitem__(self, index: int) -> np.ndarray:
         seg = self.annotations[index]["segmentation"]
-        return mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode("ascii")}).astype(bool)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique: never another writer's file
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        return mask_utils.decode(coco_rle(seg)).astype(bool)
 
 
 def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: Path) -> dict[str, Any]:
@@ -175,9 +168,9 @@ def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: P
     overlay = render_overlay(item.pixels, DecodedMasks(record["annotations"]), areas=[a["area"] for a in record["annotations"]])
     buffer = BytesIO()
     Image.fromarray(overlay).save(buffer, format="PNG")
-    _write_atomically(out / f"{item.stem}.png", buffer.getvalue())
+    write_bytes_atomically(out / f"{item.stem}.png", buffer.getvalue())
     # the JSON last: its presence marks the image done
-    _write_atomically(out / f"{item.stem}.json", json.dumps(record, separators=(",", ":")).encode("utf-8"))
+    write_bytes_atomically(out / f"{item.stem}.json", json.dumps(record, separators=(",", ":")).encode("utf-8"))
     return record
 
 

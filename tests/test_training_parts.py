@@ -3,6 +3,7 @@
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,18 @@ def test_encoder_activation_checkpointing_gives_the_same_gradients():
         sam.image_encoder(x).square().mean().backward()
         grads.append(sam.image_encoder.blocks[0].attn.qkv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_training_panels_draw_gt_and_prediction_over_the_image():
+    from segany_train.training.overlays import render_training_panels
+
+    image = torch.full((3, 16, 16), 100, dtype=torch.uint8)
+    gt = torch.zeros(1, 4, 4, dtype=torch.bool)
+    gt[0, :2, :2] = True  # the top-left 8x8 pixels at the input size
+    pred = torch.zeros(1, 4, 4, dtype=torch.bool)
+    picture = render_training_panels(image, gt, pred, torch.tensor([[[12.0, 12.0]]]), torch.tensor([[1]]))
+    assert picture.shape == (16, 32, 3) and picture.dtype == np.uint8
+    gt_panel, pred_panel = picture[:, :16], picture[:, 16:]
+    assert (gt_panel[:8, :8] != 100).any(axis=-1).all() and (gt_panel[8:, 8:] == 100).all()
+    assert tuple(pred_panel[12, 12]) == (0, 255, 0)  # the foreground click, on an empty prediction
+    assert (pred_panel[:8, :8] == 100).all()

@@ -38,23 +38,27 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomically(path: Path, value: Any) -> None:
-    """Writes `value` as JSON to `path` through a temporary file of its own, synced, then renamed:
-    never half a file, even after a crash or beside another writer of the same path."""
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file of its own, synced, then renamed: never half
+    a file, even after a crash or beside another writer of the same path."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     # O_EXCL: the name is this writer's alone; mode 0o666 under the umask, as open() would create it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as stream:
-            stream.write(json.dumps(value, indent=1, sort_keys=True))
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _sync_directory(path.parent)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as indented JSON, written as `write_bytes_atomically` does."""
+    write_bytes_atomically(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:

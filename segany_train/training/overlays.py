@@ -8,29 +8,28 @@ import torch
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
 
-PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-                    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], dtype=np.float32)
+from segany_train.mask_overlay import render_overlay
 
 
-def render_overlay(
+def render_training_panels(
     image: torch.Tensor,
     gt: torch.Tensor,
     pred: torch.Tensor,
     point_coords: torch.Tensor,
     point_labels: torch.Tensor,
 ) -> np.ndarray:
-    """Two panels, GT | prediction, over the image: HxWx3 uint8 image (3xSxS input), KxMxM masks,
-    KxPx2 prompt points in input pixels with their labels (green foreground, red background, blue
-    box corners)."""
-    base = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    """Two panels, GT | prediction, each `mask_overlay.render_overlay` of the masks over the image,
+    with the prompt points on the prediction (green foreground, red background, blue box corners).
+
+    image: 3xSxS uint8 (the model input); gt, pred: KxMxM bool, upsampled to SxS; point_coords: KxPx2
+    in input pixels, point_labels: KxP. Returns Sx2Sx3 uint8.
+    """
+    base = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
     size = base.shape[0]
     panels = []
     for masks in (gt, pred):
         up = F.interpolate(masks[:, None].float().cpu(), size=(size, size), mode="nearest")[:, 0].numpy() > 0
-        panel = base.copy()
-        for k, m in enumerate(up):
-            panel[m] = 0.45 * panel[m] + 0.55 * PALETTE[k % len(PALETTE)]
-        panels.append(Image.fromarray(panel.clip(0, 255).astype(np.uint8)))
+        panels.append(Image.fromarray(render_overlay(base, list(up), outline=False, alpha=0.55)))
     draw = ImageDraw.Draw(panels[1])
     colours = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255), 3: (0, 0, 255)}
     for coords, labels in zip(point_coords.cpu().tolist(), point_labels.cpu().tolist()):
@@ -56,7 +55,7 @@ class MaskOverlayCallback(L.Callback):
         if visual is None or trainer.global_rank != 0:
             return
         pl_module.last_visual = None
-        picture = render_overlay(**visual)
+        picture = render_training_panels(**visual)
         step = trainer.global_step
         logger = trainer.logger
         name = type(logger).__name__ if logger is not None else ""
