@@ -1,13 +1,12 @@
 """Stages 1 and 2: annotators label a chunk of the pool with the current model; the result is shards.
 
-Each input shard becomes one output shard of the annotated masks plus a statistics file. Both are
-written completely before the shard is entered in the directory's manifest, which is what marks it
-done: a run killed midway redoes only the shard it was in, never duplicating or losing an image.
-A shard is streamed image by image, and masks are compared with the GT as RLEs.
+Each input shard becomes one output shard of the annotated masks plus a statistics file, the latter
+written last to mark it done (`shard_outputs.py`): a run killed midway redoes only the shard it was
+in, never duplicating or losing an image. A shard is streamed image by image, and masks are compared
+with the GT as RLEs.
 """
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,15 @@ from tqdm import tqdm
 
 from data_engine.annotator import Annotator, ImageAnnotation
 from data_engine.corpus import LabelledImage, read_labelled_images
+from data_engine.shard_outputs import OutputImage, resume_outputs
 from segany_train.data.mask_iou import encode_masks, rle_iou_matrix
 from segany_train.data.sa1b import annotation_from_mask, make_record
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
 
 # (image, GT masks) -> the annotator for that image; the GT is seen by the simulated annotator only
 AnnotatorFactory = Callable[[LabelledImage], Annotator]
 # image -> the masks shown pre-filled (stage 2), with their predicted IoUs
 Prefill = Callable[[np.ndarray], list[np.ndarray]]
+ANNOTATED_PREFIX = "annotated-"  # input shard i becomes annotated-<i>.tar and annotated-<i>.stats.json
 
 
 @dataclass
@@ -102,37 +102,16 @@ def annotate_shards(
     Returns {"shards": [output shard paths], "images": [ImageStats as dicts]}; images the annotator
     gave no mask are counted in the statistics but not written to a shard.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[str] = []
-    images: list[dict[str, Any]] = []
-    for k, url in enumerate(input_shards):
-        index = first_index + k
-        name = f"annotated-{index:06d}.tar"
-        stats_path = out_dir / f"annotated-{index:06d}.stats.json"
-        done = read_manifest(out_dir)["shards"]
-        if stats_path.exists():
-            stats = json.loads(stats_path.read_text())
-            if stats["shard"] is None or stats["shard"] in done:
-                shards += [str(out_dir / stats["shard"])] if stats["shard"] else []
-                images += stats["images"]
-                continue
-        shard_images: list[dict[str, Any]] = []
-        with SA1BShardWriter(out_dir, prefix="annotated-", start_index=index, max_samples_per_shard=2**31) as writer:
-            for item in tqdm(read_labelled_images([url]), desc=f"{description} {Path(url).name}", disable=not progress):
-                shown = prefill(item.image) if prefill is not None else []
-                result = annotator_for(item).annotate(item.image, shown)
-                kept = [shown[i] for i in result.accepted_prefilled] + result.masks
-                shard_images.append(asdict(_image_stats(item, shown, result)))
-                if kept:
-                    writer.write(item.key, item.jpeg, _annotated_record(item, kept))
-            # the statistics first, then the shard's rename and manifest entry: the latter marks it done
-            wrote = any(i["masks"] for i in shard_images)
-            write_json_atomically(stats_path, {"shard": name if wrote else None, "images": shard_images})
-        if wrote:
-            shards.append(str(out_dir / name))
-        images += shard_images
-    return {"shards": shards, "images": images}
+
+    def images_of(position: int) -> Iterator[OutputImage]:
+        url = input_shards[position]
+        for item in tqdm(read_labelled_images([url]), desc=f"{description} {Path(url).name}", disable=not progress):
+            shown = prefill(item.image) if prefill is not None else []
+            result = annotator_for(item).annotate(item.image, shown)
+            kept = [shown[i] for i in result.accepted_prefilled] + result.masks
+            yield asdict(_image_stats(item, shown, result)), (item.key, item.jpeg, _annotated_record(item, kept)) if kept else None
+
+    return resume_outputs(out_dir, ANNOTATED_PREFIX, len(input_shards), images_of, first_index=first_index)
 
 
 def summarize_images(images: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,6 +22,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from data_engine.annotation_step import ImageStats, Prefill, best_iou_to_gt
+from data_engine.annotation_step import ANNOTATED_PREFIX, ImageStats, Prefill, best_iou_to_gt
 from data_engine.corpus import gt_masks_of, read_labelled_images
+from data_engine.shard_outputs import OutputImage, resume_outputs
 from segany_train.data.coco import CocoConversionWarning, CocoImageConverter, images_with_annotations
 from segany_train.data.rle import coco_rle
 from segany_train.data.sa1b import annotation_from_mask, make_record
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
+from segany_train.data.shard_writer import write_json_atomically
 
 TASKS_FILE = "tasks.json"
 INDEX_FILE = "task_index.json"
@@ -130,31 +132,15 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
         converter.skipped["images_missing_from_result"] += len(missing)
         warnings.warn(f"{len(missing)} exported image(s) are not in {result_path}, e.g. {missing[0]}", CocoConversionWarning, stacklevel=2)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, images = [], []
-    for position in range(len(task_index["shards"])):
-        index = first_index + position
-        name = f"annotated-{index:06d}.tar"
-        stats_path = out_dir / f"annotated-{index:06d}.stats.json"
-        stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-        if stats is None or (stats["shard"] is not None and stats["shard"] not in read_manifest(out_dir)["shards"]):
-            shard_images = []
-            with SA1BShardWriter(out_dir, prefix="annotated-", start_index=index, max_samples_per_shard=2**31) as writer:
-                for key, file_name, sample in by_shard.get(position, []):
-                    masks = []
-                    if sample is not None:
-                        record = _renumbered(sample[1])
-                        writer.write(key, sample[0], record)
-                        masks = gt_masks_of(record)
-                    shard_images.append(
-                        _imported_stats(key, masks, prefilled_per_file.get(file_name, []), gt_per_key.get(key, []), seconds_per_file[file_name])
-                    )
-                # the statistics first, then the shard's rename and manifest entry: the latter marks it done
-                stats = {"shard": name if any(i["masks"] for i in shard_images) else None, "images": shard_images}
-                write_json_atomically(stats_path, stats)
-        shards += [str(out_dir / stats["shard"])] if stats["shard"] else []
-        images += stats["images"]
-    return {"shards": shards, "images": images, "skipped": dict(converter.skipped)}
+    def images_of(position: int) -> Iterator[OutputImage]:
+        for key, file_name, sample in by_shard.get(position, []):
+            record = _renumbered(sample[1]) if sample is not None else None
+            masks = gt_masks_of(record) if record is not None else []
+            stats = _imported_stats(key, masks, prefilled_per_file.get(file_name, []), gt_per_key.get(key, []), seconds_per_file[file_name])
+            yield stats, (key, sample[0], record) if record is not None else None
+
+    out = resume_outputs(out_dir, ANNOTATED_PREFIX, len(task_index["shards"]), images_of, first_index=first_index)
+    return {**out, "skipped": dict(converter.skipped)}
 
 
 def _renumbered(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,30 +1,30 @@
 """Stage 3: the automatic mask generator over the pool, written as SA-1B shards, and its quality check.
 
 One output shard per input shard, then its stats file, each renamed into place when complete (the
-stats file, written last, marks the shard done), so the stage resumes per shard and input shards can
-be processed by independent jobs (`data_engine/distributed_stage3.py`). The quality check compares
-every automatic mask with the pool's GT (seen here only to measure, as the paper's professional
-annotators did on a sample).
+stats file, written last, marks the shard done: `shard_outputs.py`), so the stage resumes per shard
+and input shards can be processed by independent jobs (`data_engine/distributed_stage3.py`). The
+quality check compares every automatic mask with the pool's GT (seen here only to measure, as the
+paper's professional annotators did on a sample).
 
 A shard is streamed image by image (a decoded SA-1B image is 10 MB, its masks at full resolution
 hundreds), and masks are compared as RLEs: the GT as the record holds it, the automatic masks as they
 are written, so no GT mask is ever decoded.
 """
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from data_engine.shard_outputs import OutputImage, completed_output, resume_outputs, write_output
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
+from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.mask_iou import rle_iou_matrix
 from segany_train.data.pipeline import SkipLog, read_records
 from segany_train.data.rle import parse_rles
 from segany_train.data.sa1b import BadSample
-from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
-from segany_train.data.image_decoding import decode_record_image
 
 
 def image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> dict[str, Any]:
@@ -38,28 +38,33 @@ def image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> 
     }
 
 
-def shard_name(index: int) -> str:
-    """The output shard of input shard `index` (its position in the full input list)."""
-    return f"automatic-{index:06d}.tar"
-
-
-def stats_path(out_dir: str | Path, index: int) -> Path:
-    return Path(out_dir) / f"automatic-{index:06d}.stats.json"
+AUTOMATIC_PREFIX = "automatic-"  # input shard i becomes automatic-<i>.tar and automatic-<i>.stats.json
 
 
 def completed_shard(out_dir: str | Path, index: int) -> dict[str, Any] | None:
-    """The stats of input shard `index` if its output is complete, else None.
+    """The stats of input shard `index` if its output is complete, else None (`completed_output`)."""
+    return completed_output(out_dir, AUTOMATIC_PREFIX, index)
 
-    The stats file is written last, after the shard's rename, so its presence marks completion; the
-    shard is still checked for, in case it was deleted by hand since.
-    """
-    path = stats_path(out_dir, index)
-    if not path.exists():
-        return None
-    stats = json.loads(path.read_text())
-    if stats["shard"] is not None and not (Path(out_dir) / stats["shard"]).exists():
-        return None
-    return stats
+
+def _automatic_images(generator: SamAutomaticMaskGenerator, url: str, progress: bool) -> Iterator[OutputImage]:
+    """(quality dict, sample to write or None) per usable image of one input shard."""
+    for key, jpeg, pool_record in tqdm(read_records([url]), desc=f"automatic {Path(url).name}", disable=not progress):
+        gt_rles = [ann["segmentation"] for ann in pool_record["annotations"]]
+        try:
+            if gt_rles:
+                parse_rles(gt_rles)  # a malformed GT RLE makes the image unusable, as a bad JPEG does
+            image = decode_record_image(jpeg, pool_record)
+        except (BadSample, ValueError) as error:
+            SkipLog.record("bad_sample", key, str(error))
+            continue
+        records = generator.generate(image)
+        # dropped here rather than when the next image rebinds them, so two never coexist
+        del image
+        info = pool_record["image"]
+        record = sa1b_record_from_masks(info["image_id"], info["width"], info["height"], info.get("file_name", f"{key}.jpg"), records)
+        del records  # the full-resolution masks, now encoded in the record
+        quality = image_quality([ann["segmentation"] for ann in record["annotations"]], gt_rles)
+        yield {"key": key, **quality}, (key, jpeg, record) if record["annotations"] else None
 
 
 def generate_one_shard(
@@ -77,36 +82,7 @@ def generate_one_shard(
     Returns the stats: {"shard": name or None when no image kept a mask, "images": [quality dicts]}.
     `record_manifest=False` leaves the directory's manifest alone, for writers running side by side.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shard_images = []
-    with SA1BShardWriter(
-        out_dir, prefix="automatic-", start_index=index, max_samples_per_shard=2**31, record_manifest=record_manifest
-    ) as writer:
-        for key, jpeg, pool_record in tqdm(read_records([url]), desc=f"automatic {Path(url).name}", disable=not progress):
-            gt_rles = [ann["segmentation"] for ann in pool_record["annotations"]]
-            try:
-                if gt_rles:
-                    parse_rles(gt_rles)  # a malformed GT RLE makes the image unusable, as a bad JPEG does
-                image = decode_record_image(jpeg, pool_record)
-            except (BadSample, ValueError) as error:
-                SkipLog.record("bad_sample", key, str(error))
-                continue
-            records = generator.generate(image)
-            # dropped here rather than when the next image rebinds them, so two never coexist
-            del image
-            info = pool_record["image"]
-            record = sa1b_record_from_masks(
-                info["image_id"], info["width"], info["height"], info.get("file_name", f"{key}.jpg"), records
-            )
-            del records  # the full-resolution masks, now encoded in the record
-            quality = image_quality([ann["segmentation"] for ann in record["annotations"]], gt_rles)
-            shard_images.append({"key": key, **quality})
-            if record["annotations"]:
-                writer.write(key, jpeg, record)
-    stats = {"shard": shard_name(index) if any(i["masks"] for i in shard_images) else None, "images": shard_images}
-    write_json_atomically(stats_path(out_dir, index), stats)
-    return stats
+    return write_output(out_dir, AUTOMATIC_PREFIX, index, _automatic_images(generator, url, progress), record_manifest=record_manifest)
 
 
 def generate_shards(
@@ -121,17 +97,7 @@ def generate_shards(
 
     Returns {"shards": [paths], "images": [per-image quality dicts]}.
     """
-    out_dir = Path(out_dir)
-    shards: list[str] = []
-    images: list[dict[str, Any]] = []
-    for index, url in enumerate(input_shards):
-        stats = completed_shard(out_dir, index)
-        if stats is None:
-            stats = generate_one_shard(generator, url, index, out_dir, progress=progress)
-        if stats["shard"]:
-            shards.append(str(out_dir / stats["shard"]))
-        images += stats["images"]
-    return {"shards": shards, "images": images}
+    return resume_outputs(out_dir, AUTOMATIC_PREFIX, len(input_shards), lambda k: _automatic_images(generator, input_shards[k], progress))
 
 
 def summarize_quality(images: list[dict[str, Any]]) -> dict[str, float]:
