@@ -35,7 +35,7 @@ from data_engine.annotation_step import ANNOTATED_PREFIX, ImageStats, Prefill, b
 from data_engine.corpus import gt_masks_of, read_labelled_images
 from data_engine.shard_outputs import OutputImage, resume_outputs
 from segany_train.data.coco import CocoConversionWarning, CocoImageConverter, images_with_annotations
-from segany_train.data.rle import coco_rle
+from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.shard_writer import write_json_atomically
 
@@ -157,7 +157,7 @@ def _prefilled_masks(exported: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     names = {image["id"]: image["file_name"] for image in exported["images"]}
     masks: dict[str, list[np.ndarray]] = defaultdict(list)
     for ann in exported["annotations"]:
-        masks[names[ann["image_id"]]].append(mask_utils.decode(coco_rle(ann["segmentation"])).astype(bool))
+        masks[names[ann["image_id"]]].append(mask_utils.decode(pycocotools_rle(ann["segmentation"])).astype(bool))
     return masks
 
 

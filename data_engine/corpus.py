@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
-from segany_train.data.rle import coco_rle
+from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import BadSample
 
 
@@ -71,7 +71,7 @@ def gt_masks_of(record: dict[str, Any]) -> list[np.ndarray]:
     for ann in record["annotations"]:
         seg = ann["segmentation"]
         try:
-            masks.append(mask_utils.decode(coco_rle(seg)).astype(bool))
+            masks.append(mask_utils.decode(pycocotools_rle(seg)).astype(bool))
         except (KeyError, TypeError, ValueError) as error:
             raise BadSample(f"annotation {ann.get('id')}: malformed RLE ({error})") from None
     return masks

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_engine.automatic_step import completed_shard, generate_one_shard, summarize_quality
+from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.pipeline import expand_shard_patterns
@@ -178,12 +179,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"mode must be task or merge, got {cfg.mode!r}")
     task_id, num_tasks = task_slot(cfg.task_id, cfg.num_tasks)
     device = task_device(cfg.device)
-    settings = OmegaConf.to_container(cfg.stage3.generator, resolve=True)
+    settings = GeneratorSettings.from_mapping(OmegaConf.to_container(cfg.stage3.generator, resolve=True), where="stage3.generator")
 
     def make_generator() -> SamAutomaticMaskGenerator:
         torch.manual_seed(cfg.seed)
         model = build_sam_from_checkpoint(str(cfg.checkpoint)).eval().to(device)
-        return SamAutomaticMaskGenerator(model, **settings)
+        return SamAutomaticMaskGenerator.from_settings(model, settings)
 
     done = run_task(make_generator, input_shards, cfg.out_dir, task_id, num_tasks, progress=cfg.progress)
     return {"task_id": task_id, "num_tasks": num_tasks, **done}

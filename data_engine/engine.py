@@ -34,6 +34,7 @@ from data_engine.report import save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
 from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
+from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import lock_directory
@@ -233,7 +234,10 @@ class Engine:
         cfg = self.cfg
 
         def generate() -> dict[str, Any]:
-            generator = SamAutomaticMaskGenerator(self._model(checkpoint), **OmegaConf.to_container(cfg.stage3.generator, resolve=True))
+            generator = SamAutomaticMaskGenerator.from_settings(
+                self._model(checkpoint),
+                GeneratorSettings.from_mapping(OmegaConf.to_container(cfg.stage3.generator, resolve=True), where="stage3.generator"),
+            )
             out = generate_shards(generator, split.pool, self.ledger.step_dir("stage3/generate"), progress=cfg.progress)
             return {"shards": [self._relative(s) for s in out["shards"]], "quality": summarize_quality(out["images"])}
 

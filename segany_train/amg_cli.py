@@ -36,13 +36,13 @@ from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
-from segany_train.data.rle import coco_rle
+from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import BadSample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_bytes_atomically, write_json_atomically
 from segany_train.inference_options import (
     add_generator_arguments,
     add_model_arguments,
-    generator_kwargs,
+    generator_settings,
     load_model,
     prepare_output_directory,
 )
@@ -157,7 +157,7 @@ class DecodedMasks(Sequence):
 
     def __getitem__(self, index: int) -> np.ndarray:
         seg = self.annotations[index]["segmentation"]
-        return mask_utils.decode(coco_rle(seg)).astype(bool)
+        return mask_utils.decode(pycocotools_rle(seg)).astype(bool)
 
 
 def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: Path) -> dict[str, Any]:
@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None) -> None:
         if total == 0:
             raise ValueError(f"{args.input} holds no jpg/png image")
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
-        generator = SamAutomaticMaskGenerator(load_model(args), output_mode="coco_rle", **generator_kwargs(args))
+        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle")
         # last: a value refused above leaves no directory behind
         if args.shards_out:
             prepare_output_directory(args.shards_out, "--shards-out")
         prepare_output_directory(args.out, "--out")
         checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
-        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_kwargs(args)}
+        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
         claim_output_settings(args.out, settings, args.overwrite)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")

@@ -9,24 +9,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from segany_train.amg.generator_settings import PAPER_STAGE3, GeneratorSettings
 from segany_train.amg.grids import crop_boxes, layer_point_grids
-from segany_train.amg.mask_ops import (
-    box_area,
-    box_near_crop_edge,
-    box_nms,
-    box_xyxy_to_xywh,
-    masks_to_boxes,
-    stability_score,
-)
+from segany_train.amg.mask_ops import box_area, box_near_crop_edge, box_nms, box_xyxy_to_xywh, masks_to_boxes, stability_score
 from segany_train.amg.regions import remove_small_regions
-from segany_train.amg.rle import (
-    coco_rle,
-    crop_masks_to_rle_counts,
-    rle_area,
-    rle_box,
-    rle_counts_to_mask,
-    uncompressed_rle,
-)
+from segany_train.amg.rle import coco_rle, crop_masks_to_rle_counts, rle_area, rle_box, rle_counts_to_mask, uncompressed_rle
 from segany_train.amg.sa1b_record import sa1b_record_from_masks
 from segany_train.model.prompt_encoder import FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
@@ -37,22 +24,8 @@ __all__ = ["PAPER_STAGE3_SETTINGS", "SamAutomaticMaskGenerator", "sa1b_record_fr
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
-# The SAM paper's fully automatic stage (section 4 and appendix B): a 32x32 grid on the image, 2x2
-# crops with 16x16 grids and 4x4 crops with 8x8 grids, masks covering 95% of the image or more
-# dropped, islands and holes under 100 px removed; thresholds as the official defaults.
-PAPER_STAGE3_SETTINGS: dict[str, Any] = {
-    "points_per_side": 32,
-    "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95,
-    "stability_score_offset": 1.0,
-    "box_nms_thresh": 0.7,
-    "crop_n_layers": 2,
-    "crop_nms_thresh": 0.7,
-    "crop_overlap_ratio": 512 / 1500,
-    "crop_n_points_downscale_factor": 2,
-    "min_mask_region_area": 100,
-    "max_mask_area_fraction": 0.95,
-}
+PAPER_STAGE3_SETTINGS: dict[str, Any] = PAPER_STAGE3.as_kwargs()
+_DEFAULT = GeneratorSettings()
 
 # Upsampled logits are made this many pixels at a time (float32: 256 MiB), whatever the batch size.
 _UPSAMPLE_PIXEL_BUDGET = 1 << 26
@@ -122,27 +95,27 @@ class SamAutomaticMaskGenerator:
     (the official order among ties comes from torch's unstable sort and depends on the platform);
     bad arguments raise ValueError. Extra, off by default: `max_mask_area_fraction` drops masks
     covering at least that fraction of the image (the paper uses 0.95); `paper_stage3` builds a
-    generator with the paper's stage-3 settings (`PAPER_STAGE3_SETTINGS`).
+    generator with the paper's stage-3 settings (`PAPER_STAGE3`).
     """
 
     def __init__(
         self,
         model: Sam,
-        points_per_side: int | None = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
+        points_per_side: int | None = _DEFAULT.points_per_side,
+        points_per_batch: int = _DEFAULT.points_per_batch,
+        pred_iou_thresh: float = _DEFAULT.pred_iou_thresh,
+        stability_score_thresh: float = _DEFAULT.stability_score_thresh,
+        stability_score_offset: float = _DEFAULT.stability_score_offset,
+        box_nms_thresh: float = _DEFAULT.box_nms_thresh,
+        crop_n_layers: int = _DEFAULT.crop_n_layers,
+        crop_nms_thresh: float = _DEFAULT.crop_nms_thresh,
+        crop_overlap_ratio: float = _DEFAULT.crop_overlap_ratio,
+        crop_n_points_downscale_factor: int = _DEFAULT.crop_n_points_downscale_factor,
         point_grids: list[np.ndarray] | None = None,
-        min_mask_region_area: int = 0,
+        min_mask_region_area: int = _DEFAULT.min_mask_region_area,
         output_mode: str = "binary_mask",
         *,
-        max_mask_area_fraction: float | None = None,
+        max_mask_area_fraction: float | None = _DEFAULT.max_mask_area_fraction,
     ) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a segany_train Sam, got {type(model).__name__}")
@@ -197,9 +170,14 @@ class SamAutomaticMaskGenerator:
         self.max_mask_area_fraction = max_mask_area_fraction
 
     @classmethod
+    def from_settings(cls, model: Sam, settings: GeneratorSettings, *, output_mode: str = "binary_mask") -> "SamAutomaticMaskGenerator":
+        """A generator with `settings` (see `segany_train.amg.generator_settings`)."""
+        return cls(model, output_mode=output_mode, **settings.as_kwargs())
+
+    @classmethod
     def paper_stage3(cls, model: Sam, **overrides: Any) -> "SamAutomaticMaskGenerator":
-        """A generator with the SAM paper's stage-3 settings (`PAPER_STAGE3_SETTINGS`), updated by `overrides`."""
-        return cls(model, **{**PAPER_STAGE3_SETTINGS, **overrides})
+        """A generator with the SAM paper's stage-3 settings (`PAPER_STAGE3`), updated by `overrides`."""
+        return cls(model, **{**PAPER_STAGE3.as_kwargs(), **overrides})
 
     @staticmethod
     def _checked_grid(grid: np.ndarray, layer: int) -> np.ndarray:

@@ -3,28 +3,14 @@ run and the automatic mask generator's settings (the official generator's keywor
 
 import argparse
 import tempfile
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError, build_sam_by_name, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
-
-# The official SamAutomaticMaskGenerator's keyword arguments and defaults (SAM data engine stage 3).
-GENERATOR_DEFAULTS: dict[str, Any] = {
-    "points_per_side": 32,
-    "points_per_batch": 64,
-    "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95,
-    "stability_score_offset": 1.0,
-    "box_nms_thresh": 0.7,
-    "crop_n_layers": 0,
-    "crop_nms_thresh": 0.7,
-    "crop_overlap_ratio": 512 / 1500,
-    "crop_n_points_downscale_factor": 1,
-    "min_mask_region_area": 0,
-}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,15 +66,18 @@ def describe_model(args: argparse.Namespace) -> str:
 
 
 def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `GeneratorSettings` field, with its default."""
     group = parser.add_argument_group("automatic mask generator (official defaults)")
-    for name, default in GENERATOR_DEFAULTS.items():
-        kind = type(default)
-        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, metavar=kind.__name__.upper())
+    for setting in fields(GeneratorSettings):
+        kind = float if setting.default is None else type(setting.default)  # max_mask_area_fraction: off
+        group.add_argument(
+            f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default, metavar=kind.__name__.upper()
+        )
 
 
-def generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The generator keyword arguments the options set."""
-    return {name: getattr(args, name) for name in GENERATOR_DEFAULTS}
+def generator_settings(args: argparse.Namespace) -> GeneratorSettings:
+    """The generator settings the options set."""
+    return GeneratorSettings(**{setting.name: getattr(args, setting.name) for setting in fields(GeneratorSettings)})
 
 
 def prepare_output_directory(path: Path, option: str) -> None:

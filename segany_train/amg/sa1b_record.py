@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 from typing import Any
 
-from segany_train.data.rle import coco_rle
+from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import annotation_from_rle, make_record
 
 
@@ -24,7 +24,7 @@ def sa1b_record_from_masks(
     """
     annotations = [
         annotation_from_rle(
-            coco_rle(record["segmentation"], size=(height, width)),
+            pycocotools_rle(record["segmentation"], size=(height, width)),
             annotation_id=first_annotation_id + k,
             predicted_iou=record.get("predicted_iou"),
             stability_score=record.get("stability_score"),

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from segany_train.data.image_loading import load_image, shard_jpeg
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.rle import coco_rle
+from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import (
     SHARD_SUFFIX,
     BadSample,
@@ -108,7 +108,7 @@ def _polygons_rle(polygons: list[Any], height: int, width: int) -> dict[str, Any
 def _dict_rle(rle: dict[str, Any], height: int, width: int) -> dict[str, Any]:
     """A COCO RLE (compressed or not) for an image of this size, compressed; checked by decoding it."""
     try:
-        rle = coco_rle(rle, size=(height, width))
+        rle = pycocotools_rle(rle, size=(height, width))
     except ValueError as error:
         raise _Skip("malformed_segmentation", str(error)) from None
     try:

@@ -8,7 +8,7 @@ of an image are decoded together: their runs are concatenated (each sums to H*W,
 sum gives every mask's boundaries offset by k*H*W) and looked up in one call, which keeps numpy's
 per-call overhead from dominating for the typical SA-1B mask.
 
-`coco_rle` is the one place a segmentation in any of the forms the project meets (a binary mask,
+`pycocotools_rle` is the one place a segmentation in any of the forms the project meets (a binary mask,
 an SA-1B RLE with text counts, a pycocotools RLE with bytes counts, COCO's uncompressed RLE) becomes
 what pycocotools takes.
 """
@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 from torch.nn import functional as F
 
 
-def coco_rle(segmentation: Any, *, size: tuple[int, int] | None = None) -> dict[str, Any]:
+def pycocotools_rle(segmentation: Any, *, size: tuple[int, int] | None = None) -> dict[str, Any]:
     """The compressed RLE pycocotools takes, {size: [h, w], counts: bytes}, from an HxW binary mask,
     a compressed RLE (counts str or bytes) or an uncompressed one (counts a list of run lengths).
 

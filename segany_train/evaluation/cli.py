@@ -25,7 +25,7 @@ from segany_train.inference_options import (
     add_generator_arguments,
     add_model_arguments,
     describe_model,
-    generator_kwargs,
+    generator_settings,
     load_model,
     prepare_output_directory,
 )
@@ -121,7 +121,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{amg['gt_masks']}, predicted masks: {amg['predicted_masks']}. Score = predicted IoU; -1 = no GT "
             "mask in that size range.",
             "",
-            "Generator: " + ", ".join(f"{k}={v:g}" for k, v in amg["generator"].items()),
+            "Generator: " + ", ".join(f"{k}={'off' if v is None else format(v, 'g')}" for k, v in amg["generator"].items()),
             "",
         ]
     return "\n".join(lines)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         sam = load_model(args)
         generator = None
         if args.protocol in ("amg", "both"):  # built now so that bad settings fail before any work
-            generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_kwargs(args))
+            generator = SamAutomaticMaskGenerator.from_settings(sam, generator_settings(args), output_mode="coco_rle")
         prepare_output_directory(args.out, "--out")  # eval.json is written at the end: fail now, not then
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-eval: error: {error}")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         with torch.inference_mode():
             result["amg"] = evaluate_automatic_masks(generator, urls, max_images=args.max_images, progress=progress)
-        result["amg"].update(generator=generator_kwargs(args), seconds=round(time.perf_counter() - start, 3))
+        result["amg"].update(generator=generator_settings(args).as_kwargs(), seconds=round(time.perf_counter() - start, 3))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "eval.md").write_text(render_markdown(result))

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segany_train.data.rle import coco_rle
+from segany_train.data.rle import pycocotools_rle
 
 OBJECT_CATEGORY = 1
 # COCOeval.stats in order, with COCOeval's default limits (1, 10, 100): AP and the size-range stats
@@ -65,7 +65,7 @@ def coco_mask_ap(
     COCO's 100 cuts SA-1B-like images (about 100 GT masks, more predictions) short: raise it there.
 
     gt_records: one SA-1B record per image ({"image": {height, width, ...}, "annotations": [...]}).
-    predictions[i]: image i's masks, each a dict with "segmentation" (see `segany_train.data.rle.coco_rle`) and
+    predictions[i]: image i's masks, each a dict with "segmentation" (see `segany_train.data.rle.pycocotools_rle`) and
     "predicted_iou" (the score), as `SamAutomaticMaskGenerator.generate` returns them. A stat with
     no GT in its range is -1, as COCOeval reports it.
     """
@@ -78,9 +78,9 @@ def coco_mask_ap(
     for i, (record, masks) in enumerate(zip(gt_records, predictions)):
         size = [record["image"]["height"], record["image"]["width"]]
         for ann in record["annotations"]:
-            gt_anns.append(_annotation(coco_rle(ann["segmentation"]), len(gt_anns) + 1, i))
+            gt_anns.append(_annotation(pycocotools_rle(ann["segmentation"]), len(gt_anns) + 1, i))
         for mask in masks:
-            rle = coco_rle(mask["segmentation"])
+            rle = pycocotools_rle(mask["segmentation"])
             if list(rle["size"]) != size:
                 raise ValueError(f"image {i}: a predicted mask is {rle['size']} but the image is {size}")
             dt_anns.append(_annotation(rle, len(dt_anns) + 1, i, score=float(mask["predicted_iou"])))
