@@ -377,3 +377,25 @@ def test_matches_the_official_generator(parity, official_amg):
         )
     assert total > 400
     assert inexact <= total // 100
+
+
+def test_generator_settings_are_the_one_source_of_defaults():
+    import argparse
+    import inspect
+    from dataclasses import fields
+
+    from segany_train.amg.generator_settings import GeneratorSettings
+    from segany_train.inference_options import add_generator_arguments, generator_settings
+
+    signature = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    for setting in fields(GeneratorSettings):
+        assert signature[setting.name].default == setting.default, setting.name
+    parser = argparse.ArgumentParser()
+    add_generator_arguments(parser)
+    assert generator_settings(parser.parse_args([])) == GeneratorSettings()
+    args = parser.parse_args(["--pred-iou-thresh", "0.5", "--max-mask-area-fraction", "0.9"])
+    assert generator_settings(args) == GeneratorSettings(pred_iou_thresh=0.5, max_mask_area_fraction=0.9)
+    built = SamAutomaticMaskGenerator.from_settings(PaletteSam(), GeneratorSettings.from_mapping({"crop_n_layers": 1}, where="stage3.generator"))
+    assert built.crop_n_layers == 1 and built.pred_iou_thresh == 0.88
+    with pytest.raises(ValueError, match="stage3.generator: unknown generator setting.* pred_iou_threshold"):
+        GeneratorSettings.from_mapping({"pred_iou_threshold": 0.5}, where="stage3.generator")
