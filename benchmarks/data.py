@@ -22,7 +22,7 @@ from timing import median_seconds  # noqa: E402
 
 from segany_train.data.image_decoding import decode_jpeg_resized  # noqa: E402
 from segany_train.data.sa1b import annotation_from_mask, decode_sample, encode_sample, make_record  # noqa: E402
-from segany_train.data.training_sample import SampleConfig, build_training_sample  # noqa: E402
+from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample  # noqa: E402
 from segany_train.transforms import ResizeLongestSide  # noqa: E402
 
 HEIGHT, WIDTH = 1500, 2250
@@ -53,12 +53,12 @@ def make_sa1b_like_sample(seed: int, num_masks: int = 100) -> dict:
     return encode_sample(f"sa_{seed}", buf.getvalue(), record)
 
 
-def ours(raw: dict, cfg: SampleConfig, rng: np.random.Generator) -> dict:
+def ours(raw: dict, cfg: SamSampleConfig, rng: np.random.Generator) -> dict:
     key, jpeg, record = decode_sample(raw)
-    return build_training_sample(key, jpeg, record, cfg, rng)
+    return build_sam_sample(key, jpeg, record, cfg, rng)
 
 
-def naive(raw: dict, cfg: SampleConfig, rng: np.random.Generator) -> dict:
+def naive(raw: dict, cfg: SamSampleConfig, rng: np.random.Generator) -> dict:
     record = json.loads(raw["json"])
     pixels = torch.from_numpy(np.array(Image.open(BytesIO(raw["jpg"])).convert("RGB"))).permute(2, 0, 1).float()
     h, w = ResizeLongestSide.get_preprocess_shape(HEIGHT, WIDTH, cfg.image_size)
@@ -72,7 +72,7 @@ def naive(raw: dict, cfg: SampleConfig, rng: np.random.Generator) -> dict:
     return {"image": image, "masks": F.interpolate(masks[None], (mh, mw), mode="nearest")[0] > 0}
 
 
-def floor(raw: dict, cfg: SampleConfig, rng: np.random.Generator) -> np.ndarray:
+def floor(raw: dict, cfg: SamSampleConfig, rng: np.random.Generator) -> np.ndarray:
     return decode_jpeg_resized(raw["jpg"], *ResizeLongestSide.get_preprocess_shape(HEIGHT, WIDTH, cfg.image_size))
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker
-    cfg = SampleConfig(image_size=1024, mask_size=256, max_masks=64)
+    cfg = SamSampleConfig(image_size=1024, mask_size=256, max_masks=64)
     print(f"building {args.samples} SA-1B-like samples ({HEIGHT}x{WIDTH} JPEG, ~100 masks)...", flush=True)
     raws = [make_sa1b_like_sample(s) for s in range(args.samples)]
     masks = np.mean([len(json.loads(r["json"])["annotations"]) for r in raws])

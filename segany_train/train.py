@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.datamodule import SA1BDataModule
 from segany_train.data.pipeline import NoUsableSamples
-from segany_train.data.training_sample import SampleConfig
+from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.model import Sam, SamCheckpointError, SamConfig, build_sam_by_name
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
 from segany_train.model.checkpoint import load_checkpoint_file
@@ -87,7 +87,7 @@ def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     corpus the config names is written in its `prepare_data` (one process, not every rank)."""
     data_cfg = cfg.data
     image_size = data_cfg.image_size or sam.image_encoder.img_size
-    sample = SampleConfig(
+    sample = SamSampleConfig(
         image_size=image_size,
         # the decoder's low-res logits: 4x the embedding's side (SAM: 256 for 1024 px with patch 16)
         mask_size=data_cfg.mask_size or 4 * image_size // sam.image_encoder.patch_size,

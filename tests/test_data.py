@@ -11,20 +11,15 @@ import webdataset as wds
 from pycocotools import mask as mask_utils
 from torch.nn import functional as F
 
-from segany_train.data.pipeline import (
-    SkippedSampleWarning,
-    collate_training_samples,
-    expand_shard_patterns,
-    training_pipeline,
-)
+from segany_train.data.pipeline import SkippedSampleWarning, collate_sam_samples, expand_shard_patterns, sam_sample_pipeline
 from segany_train.data.rle import decode_rle_at, nearest_indices, rle_counts
 from segany_train.data.sa1b import BadSample, decode_sample, sample_key
+from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
-from segany_train.data.training_sample import SampleConfig, build_training_sample
 from segany_train.transforms import ResizeLongestSide
 from tests.shards import jpeg_bytes, make_image, record_for, release_record, write_release_tars, write_shards
 
-SMALL = SampleConfig(image_size=128, mask_size=32)
+SMALL = SamSampleConfig(image_size=128, mask_size=32)
 
 
 def _random_mask(rng, h, w):
@@ -66,8 +61,8 @@ def test_sa1b_bboxes_do_not_cut_off_the_last_row_and_column(number):
     record = release_record(3, image, masks)
     for ann in record["annotations"]:
         ann["bbox"] = [number(v) for v in ann["bbox"]]
-    cfg = SampleConfig(image_size=64, mask_size=64)  # the loss resolution is the image's: every pixel is sampled
-    sample = build_training_sample("sa_3", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
+    cfg = SamSampleConfig(image_size=64, mask_size=64)  # the loss resolution is the image's: every pixel is sampled
+    sample = build_sam_sample("sa_3", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
     assert len(sample["annotation_ids"]) == len(masks)
     for decoded, annotation_id in zip(sample["masks"].numpy(), sample["annotation_ids"].tolist()):
         assert np.array_equal(decoded[:48], masks[annotation_id - 300]), annotation_id
@@ -112,7 +107,7 @@ def test_a_failed_write_leaves_no_partial_shard(tmp_path):
 def test_training_sample_equals_full_decode_and_official_resize():
     image, masks = make_image(3, height=90, width=60, num_masks=6)
     record = record_for(3, image, masks)
-    sample = build_training_sample("sa_3", jpeg_bytes(image, quality=100), record, SMALL, np.random.default_rng(0))
+    sample = build_sam_sample("sa_3", jpeg_bytes(image, quality=100), record, SMALL, np.random.default_rng(0))
     h, w = ResizeLongestSide.get_preprocess_shape(90, 60, 128)
     assert sample["input_size"] == (h, w) and sample["original_size"] == (90, 60)
     reference = ResizeLongestSide(128).apply_image(image)  # what SamPredictor feeds the model
@@ -135,10 +130,10 @@ def test_mask_sampling_and_area_filter():
     image, masks = make_image(1, num_masks=8)
     masks[0] = np.ones_like(masks[0])  # covers 100% of the image: dropped
     record = record_for(1, image, masks)
-    cfg = SampleConfig(image_size=128, mask_size=32, max_masks=3)
+    cfg = SamSampleConfig(image_size=128, mask_size=32, max_masks=3)
     ids = set()
     for seed in range(10):
-        sample = build_training_sample("sa_1", jpeg_bytes(image), record, cfg, np.random.default_rng(seed))
+        sample = build_sam_sample("sa_1", jpeg_bytes(image), record, cfg, np.random.default_rng(seed))
         assert 1 <= sample["masks"].shape[0] <= 3 and 100 not in sample["annotation_ids"].tolist()
         ids.update(sample["annotation_ids"].tolist())
     assert len(ids) > 3  # different masks are drawn on different visits
@@ -153,12 +148,12 @@ def test_masks_below_the_minimum_size_at_the_loss_resolution_are_dropped():
     masks[3, :4, :4] = True  # 1
     record = record_for(2, image, list(masks))
     for minimum, kept in ((1, 4), (4, 3), (16, 2), (17, 1)):
-        cfg = SampleConfig(image_size=128, mask_size=32, min_mask_pixels=minimum)
-        sample = build_training_sample("sa_2", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
+        cfg = SamSampleConfig(image_size=128, mask_size=32, min_mask_pixels=minimum)
+        sample = build_sam_sample("sa_2", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
         assert sample["masks"].shape[0] == kept and bool((sample["masks"].flatten(1).sum(1) >= minimum).all())
     with pytest.raises(BadSample, match="300\\+ pixels"):
-        cfg = SampleConfig(image_size=128, mask_size=32, min_mask_pixels=300)
-        build_training_sample("sa_2", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
+        cfg = SamSampleConfig(image_size=128, mask_size=32, min_mask_pixels=300)
+        build_sam_sample("sa_2", jpeg_bytes(image), record, cfg, np.random.default_rng(0))
 
 
 def test_jitter_and_flip_move_image_masks_and_boxes_together():
@@ -168,11 +163,11 @@ def test_jitter_and_flip_move_image_masks_and_boxes_together():
     mask[20:70, 90:140] = True
     image[mask] = 255
     record = record_for(5, image, [mask])
-    cfg = SampleConfig(image_size=128, mask_size=32, large_scale_jitter=True, horizontal_flip=True)
+    cfg = SamSampleConfig(image_size=128, mask_size=32, large_scale_jitter=True, horizontal_flip=True)
     flips = 0
     for seed in range(30):
         try:
-            s = build_training_sample("sa_5", jpeg_bytes(image), record, cfg, np.random.default_rng(seed))
+            s = build_sam_sample("sa_5", jpeg_bytes(image), record, cfg, np.random.default_rng(seed))
         except BadSample:
             continue  # the crop can miss the square entirely
         bright = F.avg_pool2d(s["image"][:1].float()[None], 4)[0, 0] > 128  # image at mask resolution
@@ -221,7 +216,7 @@ def test_bad_input_is_skipped_counted_and_named(tmp_path):
     urls = expand_shard_patterns([str(tmp_path / "sa_000000.tar"), str(tmp_path / "truncated.tar")])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batches = list(torch.utils.data.DataLoader(training_pipeline(urls, SMALL, mode="once"), batch_size=2, collate_fn=collate_training_samples))
+        batches = list(torch.utils.data.DataLoader(sam_sample_pipeline(urls, SMALL, mode="once"), batch_size=2, collate_fn=collate_sam_samples))
     keys = [k for b in batches for k in b["keys"]]
     assert keys == ["sa_0", "sa_1", "sa_2", "sa_14", "sa_0", "sa_1"]
     total: dict[str, int] = {}

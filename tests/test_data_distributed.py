@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from segany_train.data.datamodule import SA1BDataModule
-from segany_train.data.training_sample import SampleConfig
+from segany_train.data.sam_sample import SamSampleConfig
 from tests.shards import write_shards
 
-SMALL = SampleConfig(image_size=128, mask_size=32)
-AUGMENTED = SampleConfig(image_size=128, mask_size=32, max_masks=2, large_scale_jitter=True, horizontal_flip=True)
+SMALL = SamSampleConfig(image_size=128, mask_size=32)
+AUGMENTED = SamSampleConfig(image_size=128, mask_size=32, max_masks=2, large_scale_jitter=True, horizontal_flip=True)
 
 
 def _rank_main(rank: int, world: int, shard_dir: str, out_dir: str, init_file: str) -> None:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from segany_train.data.datamodule import SA1BDataModule
-from segany_train.data.pipeline import training_pipeline
-from segany_train.data.training_sample import SampleConfig
+from segany_train.data.pipeline import sam_sample_pipeline
+from segany_train.data.sam_sample import SamSampleConfig
 from tests.shards import write_shards
 
-AUGMENTED = SampleConfig(image_size=128, mask_size=32, max_masks=2, large_scale_jitter=True, horizontal_flip=True)
+AUGMENTED = SamSampleConfig(image_size=128, mask_size=32, max_masks=2, large_scale_jitter=True, horizontal_flip=True)
 
 
 class DrawRecorder(L.LightningModule):
@@ -72,7 +72,7 @@ def test_the_shuffle_buffer_is_seeded(shards, tmp_path):
 def _epochs(shards_pattern: str, seed: int, epochs: int) -> list[list[str]]:
     from segany_train.data.pipeline import expand_shard_patterns
 
-    dataset = training_pipeline(
+    dataset = sam_sample_pipeline(
         expand_shard_patterns(shards_pattern), AUGMENTED, mode="split_repeat", samples_per_worker=16, seed=seed
     )
     return [[sample["key"] for sample in dataset] for _ in range(epochs)]

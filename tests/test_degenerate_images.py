@@ -6,7 +6,7 @@ from PIL import Image
 from segany_train import amg_cli
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.sa1b import annotation_from_mask, make_record
-from segany_train.data.training_sample import SampleConfig, build_training_sample
+from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample
 from segany_train.transforms import ResizeLongestSide
 from tests.shards import jpeg_bytes
 
@@ -28,7 +28,7 @@ def test_a_training_sample_of_a_thin_image():
     mask = np.zeros((3, 2000), bool)
     mask[:, 100:900] = True
     record = make_record(image_id=0, width=2000, height=3, file_name="thin.jpg", annotations=[annotation_from_mask(mask, annotation_id=1)])
-    sample = build_training_sample("thin", jpeg_bytes(THIN), record, SampleConfig(image_size=128, mask_size=32), np.random.default_rng(0))
+    sample = build_sam_sample("thin", jpeg_bytes(THIN), record, SamSampleConfig(image_size=128, mask_size=32), np.random.default_rng(0))
     assert sample["masks"].shape == (1, 32, 32) and sample["masks"].any()
 
 

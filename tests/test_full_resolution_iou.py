@@ -10,10 +10,10 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from data_engine.seed_model import BUILTIN_PATH
-from segany_train.data.pipeline import collate_training_samples, read_records, training_pipeline
+from segany_train.data.pipeline import collate_sam_samples, read_records, sam_sample_pipeline
 from segany_train.data.sa1b import annotation_from_mask, make_record
+from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.data.shard_writer import SA1BShardWriter
-from segany_train.data.training_sample import SampleConfig
 from segany_train.evaluation.interactive import FullResolutionIoU, InteractiveEvalConfig, evaluate_interactive
 from segany_train.model import build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
@@ -71,9 +71,9 @@ def _brute_force_first_click(sam, shards) -> list[float]:
     records = {key: record for key, _, record in read_records(shards)}
     predictor = SamPredictor(sam)
     scale = sam.image_encoder.img_size / sam.prompt_encoder.mask_input_size[0]
-    cfg = SampleConfig(image_size=sam.image_encoder.img_size, mask_size=sam.prompt_encoder.mask_input_size[0], max_masks=100)
+    cfg = SamSampleConfig(image_size=sam.image_encoder.img_size, mask_size=sam.prompt_encoder.mask_input_size[0], max_masks=100)
     ious = []
-    for sample in training_pipeline(shards, cfg, mode="once"):
+    for sample in sam_sample_pipeline(shards, cfg, mode="once"):
         h, w = sample["input_size"]
         predictor.set_torch_image(sample["image"][None, :, :h, :w], sample["original_size"])
         record = records[sample["key"]]
@@ -102,8 +102,8 @@ def test_first_click_iou_at_full_resolution_matches_the_predictor(sam, shards):
 
 
 def test_chunked_measurement_equals_one_pass(sam, shards):
-    cfg = SampleConfig(image_size=256, mask_size=64, max_masks=100, keep_segmentations=True)
-    batch = collate_training_samples(list(training_pipeline(shards, cfg, mode="once")))
+    cfg = SamSampleConfig(image_size=256, mask_size=64, max_masks=100, keep_segmentations=True)
+    batch = collate_sam_samples(list(sam_sample_pipeline(shards, cfg, mode="once")))
     assert len(batch["segmentations"]) == batch["masks"].shape[0]
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(batch["masks"].shape[0], 3, 64, 64, generator=generator) * 4
@@ -126,6 +126,6 @@ def test_chunked_measurement_equals_one_pass(sam, shards):
 
 def test_segmentations_only_without_augmentation():
     with pytest.raises(ValueError, match="keep_segmentations"):
-        SampleConfig(keep_segmentations=True, horizontal_flip=True)
+        SamSampleConfig(keep_segmentations=True, horizontal_flip=True)
     with pytest.raises(ValueError, match="iou_resolution"):
         InteractiveEvalConfig(iou_resolution="half")

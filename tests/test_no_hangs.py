@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 
 from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
-from segany_train.data.pipeline import NoUsableSamples, training_pipeline
+from segany_train.data.pipeline import NoUsableSamples, sam_sample_pipeline
 from segany_train.data.sa1b import sample_key
+from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.data.shard_writer import SA1BShardWriter
-from segany_train.data.training_sample import SampleConfig
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from tests.conftest import tiny_training_overrides
 from tests.shards import jpeg_bytes, make_image, record_for, write_shards
 
-SMALL = SampleConfig(image_size=64, mask_size=16)
+SMALL = SamSampleConfig(image_size=64, mask_size=16)
 
 
 @contextmanager
@@ -57,7 +57,7 @@ def bad_jpeg_shard(path: Path, count: int = 3) -> Path:
 
 def test_a_training_stream_of_only_bad_samples_fails_naming_the_shards(tmp_path):
     shard = bad_jpeg_shard(tmp_path / "bad" / "sa_000000.tar")
-    stream = training_pipeline([str(shard)], SMALL, samples_per_worker=4, max_consecutive_skips=50)
+    stream = sam_sample_pipeline([str(shard)], SMALL, samples_per_worker=4, max_consecutive_skips=50)
     with deadline(20), pytest.raises(NoUsableSamples, match=r"50 in a row \(50 bad_sample\).*sa_000000\.tar"):
         next(iter(stream))
 
@@ -65,7 +65,7 @@ def test_a_training_stream_of_only_bad_samples_fails_naming_the_shards(tmp_path)
 def test_a_corrupt_shard_stream_fails_instead_of_spinning(tmp_path):
     shard = tmp_path / "sa_000000.tar"
     shard.write_bytes(b"\x00garbage" * 200)
-    stream = training_pipeline([str(shard)], SMALL, samples_per_worker=4, max_consecutive_skips=20)
+    stream = sam_sample_pipeline([str(shard)], SMALL, samples_per_worker=4, max_consecutive_skips=20)
     with deadline(20), pytest.raises(NoUsableSamples, match="corrupt_shard"):
         next(iter(stream))
 
@@ -73,14 +73,14 @@ def test_a_corrupt_shard_stream_fails_instead_of_spinning(tmp_path):
 def test_good_samples_between_bad_ones_keep_the_stream_going(tmp_path):
     good = write_shards(tmp_path / "good", 2, 2)
     bad = bad_jpeg_shard(tmp_path / "bad" / "sa_000000.tar", count=2)
-    stream = training_pipeline([str(good[0]), str(bad)], SMALL, samples_per_worker=20, max_consecutive_skips=30)
+    stream = sam_sample_pipeline([str(good[0]), str(bad)], SMALL, samples_per_worker=20, max_consecutive_skips=30)
     with deadline(30):
         assert len(list(stream)) == 20
 
 
 def test_max_masks_zero_is_refused_at_start():
     with pytest.raises(ValueError, match="max_masks"):
-        SampleConfig(image_size=64, mask_size=16, max_masks=0)
+        SamSampleConfig(image_size=64, mask_size=16, max_masks=0)
 
 
 def test_amg_evaluation_skips_and_counts_a_malformed_rle_instead_of_hanging(tmp_path, tiny_sam):

@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 
-from segany_train.data.pipeline import collate_training_samples, expand_shard_patterns, training_pipeline
+from segany_train.data.pipeline import collate_sam_samples, expand_shard_patterns, sam_sample_pipeline
+from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import write_configured_corpus
-from segany_train.data.training_sample import SampleConfig
 
 
 def count_tar_samples(path: str | Path) -> int:
@@ -64,7 +64,7 @@ class SA1BDataModule(L.LightningDataModule):
         *,
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
-        sample: SampleConfig = SampleConfig(),
+        sample: SamSampleConfig = SamSampleConfig(),
         batch_size: int = 1,
         num_workers: int = 0,
         prefetch_factor: int = 2,
@@ -129,14 +129,14 @@ class SA1BDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             num_workers=num_workers,
-            collate_fn=collate_training_samples,
+            collate_fn=collate_sam_samples,
             prefetch_factor=self.prefetch_factor if num_workers > 0 else None,
             persistent_workers=num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._placement()
-        dataset = training_pipeline(
+        dataset = sam_sample_pipeline(
             self.train_urls,
             self.sample,
             mode=self.train_mode,
@@ -155,7 +155,7 @@ class SA1BDataModule(L.LightningDataModule):
         if not self.val_urls:
             return []
         # validation sees every sample once; no augmentation
-        plain = SampleConfig(
+        plain = SamSampleConfig(
             image_size=self.sample.image_size,
             mask_size=self.sample.mask_size,
             max_masks=self.sample.max_masks,
@@ -163,5 +163,5 @@ class SA1BDataModule(L.LightningDataModule):
             min_mask_pixels=self.sample.min_mask_pixels,
         )
         rank, world = self._placement()
-        dataset = training_pipeline(self.val_urls, plain, mode="once", seed=self.seed, rank=rank, world_size=world)
+        dataset = sam_sample_pipeline(self.val_urls, plain, mode="once", seed=self.seed, rank=rank, world_size=world)
         return self._loader(dataset, None, self.val_workers)

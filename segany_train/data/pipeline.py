@@ -1,7 +1,7 @@
 """The webdataset pipeline from SA-1B shards to training batches, with counted skips of bad input.
 
 Stages: shard list (resampled, or split by node and worker) -> tar members -> samples -> decoded
-training samples (bad ones skipped and counted) -> optional shuffle buffer -> fixed-length epoch.
+SAM samples (bad ones skipped and counted) -> optional shuffle buffer -> fixed-length epoch.
 Every random draw is seeded as `seeded_stream` describes.
 """
 
@@ -18,8 +18,8 @@ import torch
 import webdataset as wds
 
 from segany_train.data.sa1b import BadSample, decode_sample
+from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample
 from segany_train.data.seeded_stream import SAMPLES, StreamSeed, seeded_shuffle, shard_source
-from segany_train.data.training_sample import SampleConfig, build_training_sample
 
 SHARD_MODES = ("resampled", "split_repeat", "once")
 
@@ -112,7 +112,7 @@ def _limited_tar_error_handler(max_consecutive_skips: int):
     return handler
 
 
-def _decode_stage(cfg: SampleConfig, stream: StreamSeed, max_consecutive_skips: int):
+def _decode_stage(cfg: SamSampleConfig, stream: StreamSeed, max_consecutive_skips: int):
     passes = itertools.count()  # a new random stream on each pass (epoch) over the data
 
     def stage(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -121,7 +121,7 @@ def _decode_stage(cfg: SampleConfig, stream: StreamSeed, max_consecutive_skips: 
             where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
             try:
                 key, jpeg, record = decode_sample(raw)
-                sample = build_training_sample(key, jpeg, record, cfg, rng)
+                sample = build_sam_sample(key, jpeg, record, cfg, rng)
             except BadSample as error:
                 SkipLog.record("bad_sample", where, str(error))
                 SkipLog.check_consecutive(max_consecutive_skips)
@@ -145,9 +145,9 @@ def read_records(urls: list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]
             SkipLog.record("bad_sample", f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}", str(error))
 
 
-def training_pipeline(
+def sam_sample_pipeline(
     urls: list[str],
-    cfg: SampleConfig,
+    cfg: SamSampleConfig,
     *,
     mode: str = "resampled",
     samples_per_worker: int | None = None,
@@ -158,7 +158,7 @@ def training_pipeline(
     start_step: int = 0,
     max_consecutive_skips: int = 1000,
 ) -> wds.DataPipeline:
-    """An IterableDataset of training samples.
+    """An IterableDataset of SAM samples (`sam_sample.build_sam_sample`), for training or evaluation.
 
     mode "resampled": each rank and worker draws shards at random, so no loader runs dry;
     "split_repeat": disjoint shards per rank and worker, cycled in a new order each pass; "once":
@@ -191,7 +191,7 @@ def training_pipeline(
     return pipeline
 
 
-def collate_training_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_sam_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Images stacked (Bx3xSxS uint8); masks of all images concatenated with the image each belongs to.
 
     masks NxMxM bool, boxes Nx4, image_index N: the layout `Sam.decode` takes. `skipped` sums the

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segany_train.data.mask_iou import dense_mask_iou
-from segany_train.data.pipeline import SkipLog, collate_training_samples, training_pipeline
+from segany_train.data.pipeline import SkipLog, collate_sam_samples, sam_sample_pipeline
 from segany_train.data.rle import decode_rles_at
-from segany_train.data.training_sample import SampleConfig
+from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.model import Sam
 from segany_train.prompting.rollout import RolloutConfig, interactive_ious
 from segany_train.transforms import ResizeLongestSide
@@ -198,7 +198,7 @@ def evaluate_interactive(
     device = next(sam.parameters()).device
     img_size = sam.image_encoder.img_size
     mask_size = sam.prompt_encoder.mask_input_size[0]
-    sample_cfg = SampleConfig(
+    sample_cfg = SamSampleConfig(
         image_size=img_size,
         mask_size=mask_size,
         max_masks=cfg.max_masks_per_image or 2**62,
@@ -206,10 +206,10 @@ def evaluate_interactive(
         keep_segmentations=cfg.iou_resolution == "full",
     )
     loader = DataLoader(
-        training_pipeline(urls, sample_cfg, mode="once", seed=cfg.seed),
+        sam_sample_pipeline(urls, sample_cfg, mode="once", seed=cfg.seed),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
-        collate_fn=collate_training_samples,
+        collate_fn=collate_sam_samples,
     )
     rollout = cfg.rollout()
     SkipLog.take()  # forget skips of earlier readers in this process

@@ -32,7 +32,7 @@ def _detached(loss: IterationLoss) -> IterationLoss:
 
 
 class SamTrainingModule(L.LightningModule):
-    """Trains a `Sam` on SA-1B-format batches (see `segany_train.data.pipeline.collate_training_samples`)."""
+    """Trains a `Sam` on SA-1B-format batches (see `segany_train.data.pipeline.collate_sam_samples`)."""
 
     def __init__(
         self,

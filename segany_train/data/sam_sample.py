@@ -1,4 +1,5 @@
-"""One SA-1B record -> one training sample: resized, padded image and sampled masks at loss resolution.
+"""One SA-1B record -> one SAM sample: the resized, padded image the model takes and masks sampled at
+the mask resolution (the loss's in training, the click protocol's in evaluation).
 
 Only what is used gets decoded: masks are chosen from the annotations' metadata (area) before any
 pixel is touched, each chosen mask is sampled straight at the loss resolution (`rle.decode_rle_at`),
@@ -20,8 +21,8 @@ from segany_train.transforms import ResizeLongestSide
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    """How a record becomes a training sample."""
+class SamSampleConfig:
+    """How a record becomes a sample (training and evaluation alike)."""
 
     image_size: int = 1024  # model input side; the image's longest side is resized to it
     mask_size: int = 256  # side of the GT masks (the decoder's low-res logits)
@@ -56,7 +57,7 @@ class _Window:
     flip: bool
 
 
-def _choose_window(height: int, width: int, cfg: SampleConfig, rng: np.random.Generator) -> _Window:
+def _choose_window(height: int, width: int, cfg: SamSampleConfig, rng: np.random.Generator) -> _Window:
     scale = rng.uniform(*cfg.jitter_scale) if cfg.large_scale_jitter else 1.0
     mh, mw = ResizeLongestSide.get_preprocess_shape(height, width, max(1, round(cfg.mask_size * scale)))
     oy = int(rng.integers(0, mh - cfg.mask_size + 1)) if mh > cfg.mask_size else 0
@@ -65,13 +66,13 @@ def _choose_window(height: int, width: int, cfg: SampleConfig, rng: np.random.Ge
     return _Window((mh, mw), (oy, ox), (min(cfg.mask_size, mh - oy), min(cfg.mask_size, mw - ox)), flip)
 
 
-def _usable_annotations(record: dict[str, Any], cfg: SampleConfig) -> list[dict[str, Any]]:
+def _usable_annotations(record: dict[str, Any], cfg: SamSampleConfig) -> list[dict[str, Any]]:
     height, width = record["image"]["height"], record["image"]["width"]
     limit = cfg.max_area_fraction * height * width
     return [a for a in record["annotations"] if 0 < a.get("area", 0) <= limit]
 
 
-def _masks(anns: list[dict[str, Any]], record: dict[str, Any], win: _Window, cfg: SampleConfig) -> np.ndarray:
+def _masks(anns: list[dict[str, Any]], record: dict[str, Any], win: _Window, cfg: SamSampleConfig) -> np.ndarray:
     """K x mask_size x mask_size bool, padded bottom/right."""
     height, width = record["image"]["height"], record["image"]["width"]
     rows = nearest_indices(height, win.scaled[0])[win.offset[0] : win.offset[0] + win.visible[0]]
@@ -86,7 +87,7 @@ def _masks(anns: list[dict[str, Any]], record: dict[str, Any], win: _Window, cfg
     return out
 
 
-def _image(jpeg: bytes, record: dict[str, Any], win: _Window, cfg: SampleConfig) -> tuple[np.ndarray, tuple[int, int]]:
+def _image(jpeg: bytes, record: dict[str, Any], win: _Window, cfg: SamSampleConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """3 x image_size x image_size uint8 (zero padded) and the size of the image inside it."""
     height, width = record["image"]["height"], record["image"]["width"]
     ratio = cfg.image_size // cfg.mask_size
@@ -114,10 +115,10 @@ def _boxes(masks: np.ndarray, ratio: int) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32) * ratio
 
 
-def build_training_sample(
-    key: str, jpeg: bytes, record: dict[str, Any], cfg: SampleConfig, rng: np.random.Generator
+def build_sam_sample(
+    key: str, jpeg: bytes, record: dict[str, Any], cfg: SamSampleConfig, rng: np.random.Generator
 ) -> dict[str, Any]:
-    """A training sample, or BadSample naming what makes the record unusable.
+    """A sample, or BadSample naming what makes the record unusable.
 
     Returns key, image (3xSxS uint8), masks (KxMxM bool), boxes (Kx4 float, XYXY input pixels),
     annotation_ids (K), input_size (h, w of the image inside the padding), original_size (H, W),
