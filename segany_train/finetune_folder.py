@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="builtin", help="starting model (default: the shipped seed model)")
     parser.add_argument("--run-dir", type=Path, help="default: outputs/finetune_<folder name>_<mode>")
     parser.add_argument("overrides", nargs="*", help="further segany-train overrides, e.g. trainer.max_steps=500")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     run_dir = args.run_dir or Path("outputs") / f"finetune_{Path(args.folder).stem}_{args.mode}"
     overrides = [
         "experiment=finetune_folder",
