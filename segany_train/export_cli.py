@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = export_all(args.checkpoint, args.out, formats=tuple(args.formats), trust=args.trust_checkpoint)
-    except (FileNotFoundError, SamCheckpointError, OSError) as error:
+    except (FileNotFoundError, SamCheckpointError, OSError, ImportError, RuntimeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     for kind, path in written.items():
         print(f"{kind}: {path}")

@@ -258,9 +258,12 @@ def hf_checkpoint_as_official(weights: dict[str, torch.Tensor], config_file: Pat
 def save_hf_checkpoint(model: nn.Module, directory: str | Path) -> Path:
     """Writes `model` (a Sam with a `.config`) as a Hugging Face SamModel folder: config.json and
     model.safetensors (`SamModel.from_pretrained(directory)` loads it). LoRA is merged first, on a copy."""
-    from safetensors.torch import save_file
-
     from segany_train.model.lora import merge_lora
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("writing the Hugging Face layout needs safetensors: pip install safetensors (or segany[hf])") from None
 
     plain = deepcopy(model).cpu()
     merge_lora(plain)
