@@ -7,8 +7,9 @@ and a final retrain on the automatic masks mixed with the oversampled manual one
 
 Every step's outputs live in the run directory and are recorded in engine.json (`ledger.py`); the
 same command continues a killed run. `only=stage3` runs stage 3 alone on given shards and checkpoint.
-Annotators are simulated, or people in a real tool (`annotator.kind=coco_tasks`, `annotation_tasks.py`):
-then each round waits, exiting with status 3, until the tool's COCO result is in place.
+Annotators are simulated, or people in a real tool (`annotator.kind=coco_tasks`, `annotation_tasks.py`,
+or `annotator.kind=label_studio` with the round's model assisting, `label_studio_tasks.py`): then each
+round waits, exiting with status 3, until the tool's result is in place.
 """
 
 import sys
@@ -43,7 +44,7 @@ from segany_train.data.synthetic import write_configured_corpus
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.predictor import SamPredictor
 
-ANNOTATOR_KINDS = ("simulated", "coco_tasks")
+ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
 
 
@@ -156,10 +157,14 @@ class Engine:
     def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
             step_dir = self.ledger.step_dir(step)
-            if self.cfg.annotator.kind == "coco_tasks":  # a real tool: export, wait for its result, import
+            if self.cfg.annotator.kind in ("coco_tasks", "label_studio"):  # a real tool: export, wait for its result, import
                 if not (step_dir / "tasks" / TASKS_FILE).exists():
                     shown = prefill(SamPredictor(self._model(checkpoint))) if prefill else None
                     export_tasks(chunk, step_dir / "tasks", prefill=shown, progress=self.cfg.progress)
+                if self.cfg.annotator.kind == "label_studio":  # published, assisted by segany-serve, collected when done
+                    from data_engine.label_studio_tasks import sync_round  # needs the [annotate] extra
+
+                    sync_round(step_dir / "tasks", settings=self.cfg.annotator.label_studio, title=f"{self.run_dir.name} {step}", checkpoint=checkpoint)
                 out = import_annotations(step_dir / "tasks", step_dir, first_index=first_index)
             else:
                 predictor = SamPredictor(self._model(checkpoint))
@@ -302,7 +307,7 @@ def run_engine(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         report = run_engine(cfg)
-    except AwaitingAnnotation as waiting:  # annotator.kind=coco_tasks: a round's tasks are out
+    except AwaitingAnnotation as waiting:  # annotator.kind=coco_tasks or label_studio: a round's tasks are out
         print(f"waiting for annotations: {waiting}", file=sys.stderr)
         sys.exit(EXIT_AWAITING_ANNOTATION)
     print(report.read_text())

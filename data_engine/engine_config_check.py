@@ -26,6 +26,8 @@ def check_engine_config(cfg: DictConfig) -> None:
     for key in ("stage1.train_steps", "stage2.train_steps", "stage3.generator.points_per_side"):
         _at_least(cfg, key, 1)
     _at_least(cfg, "stage3.train_steps", 0)  # 0: no final retrain
+    if cfg.annotator.kind == "label_studio" and not cfg.annotator.label_studio.api_key:
+        raise EngineConfigError("annotator.kind=label_studio needs annotator.label_studio.api_key (or LABEL_STUDIO_API_KEY in the environment)")
     target = cfg.annotator.target_iou
     if not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise EngineConfigError(f"annotator.target_iou must be in (0, 1], got {target}")

@@ -25,16 +25,16 @@ import json
 import math
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 from data_engine.annotation_tasks import CATEGORY, IMAGES_DIR, RESULT_FILE, TASKS_FILE, AwaitingAnnotation, _prefilled_masks
 from segany_train.data.brush_rle import brush_rle_to_mask
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.sa1b import annotation_from_mask
 from segany_train.data.shard_writer import write_json_atomically
-from segany_train.label_studio_backend import LabelingSchema, brush_region
 from segany_train.label_studio_client import LabelStudioClient, LabelStudioError
+from segany_train.label_studio_regions import LabelingSchema, brush_region
 
 PROJECT_FILE = "label_studio_project.json"  # in the task directory: the round's project and task ids
 PREFILL_MODEL_VERSION = "stage 2 pre-fill"

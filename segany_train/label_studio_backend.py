@@ -18,9 +18,7 @@ Image embeddings are cached per task (bounded LRU, `embedding_cache.py`), so a c
 decoder pass. Images are fetched from the URL in the task: a path on Label Studio's server
 (`/data/upload/...`) with its API key, or any http(s) URL.
 
-Coordinates: Label Studio's percent positions are continuous (a click in the middle of pixel column
-c is at (c + 0.5) / width * 100); SAM's are pixel indices (its prompt encoder adds the half pixel),
-so a position maps to percent / 100 * width - 0.5.
+The labeling config and regions are read and written by `label_studio_regions.py`.
 """
 
 import argparse
@@ -28,10 +26,7 @@ import json
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ElementTree
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,89 +39,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from segany_train.data.brush_rle import mask_to_brush_rle
 from segany_train.data.image_loading import load_image
 from segany_train.embedding_cache import CachedImage, EmbeddingCache
 from segany_train.inference_options import add_model_arguments, describe_model, load_model
 from segany_train.label_studio_client import LabelStudioClient, LabelStudioError
+from segany_train.label_studio_regions import BadRequest, LabelingSchema, Prompts, brush_region
 from segany_train.model.sam import Sam
-
-
-class BadRequest(ValueError):
-    """The request cannot be answered; the message (one line) goes back to Label Studio."""
-
-
-@dataclass(frozen=True)
-class LabelingSchema:
-    """The tags of a labeling config the backend reads and writes."""
-
-    image_name: str  # the Image tag's name (the regions' to_name)
-    image_field: str  # the task data field holding the image URL ($image -> image)
-    brush_name: str  # the BrushLabels tag the masks go to
-    brush_labels: tuple[str, ...]
-
-    @classmethod
-    def from_config(cls, label_config: str) -> "LabelingSchema":
-        try:
-            root = ElementTree.fromstring(label_config)
-        except ElementTree.ParseError as error:
-            raise BadRequest(f"the labeling config is not XML: {error}") from None
-        brush = next(root.iter("BrushLabels"), None)
-        if brush is None:
-            raise BadRequest("the labeling config has no BrushLabels tag for the masks")
-        images = {tag.get("name"): tag.get("value", "") for tag in root.iter("Image")}
-        image_name = brush.get("toName")
-        if image_name not in images or not images[image_name].startswith("$"):
-            raise BadRequest(f"the BrushLabels tag points to {image_name!r}, not an Image tag with a $field value")
-        labels = tuple(label.get("value") for label in brush.iter("Label"))
-        return cls(image_name=image_name, image_field=images[image_name][1:], brush_name=brush.get("name"), brush_labels=labels)
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """SAM prompts from one interactive context, in original-image pixels (see the module doc)."""
-
-    points: tuple[tuple[float, float, int], ...]  # (x, y, label 1 foreground / 0 background), in click order
-    box: tuple[float, float, float, float] | None  # XYXY
-    label: str | None  # the label the annotator chose on the smart tool, if any
-    width: int
-    height: int
-
-    @classmethod
-    def from_context(cls, context: dict[str, Any]) -> "Prompts":
-        regions = context.get("result")
-        if not isinstance(regions, list) or not regions:
-            raise BadRequest("the interactive context has no result regions")
-        points, box, label, size = [], None, None, None
-        for region in regions:
-            kind, value = region.get("type"), region.get("value") or {}
-            try:
-                width, height = int(region["original_width"]), int(region["original_height"])
-                if kind == "keypointlabels":
-                    x, y = float(value["x"]) / 100 * width - 0.5, float(value["y"]) / 100 * height - 0.5
-                    points.append((x, y, 1 if region.get("is_positive", True) else 0))
-                    label = (value.get("keypointlabels") or [label])[0]
-                elif kind == "rectanglelabels":
-                    x0, y0 = float(value["x"]) / 100 * width, float(value["y"]) / 100 * height
-                    x1, y1 = x0 + float(value["width"]) / 100 * width, y0 + float(value["height"]) / 100 * height
-                    box = (x0 - 0.5, y0 - 0.5, x1 - 0.5, y1 - 0.5)
-                    label = (value.get("rectanglelabels") or [label])[0]
-                else:
-                    continue
-            except (KeyError, TypeError, ValueError) as error:
-                raise BadRequest(f"a {kind} region lacks or mangles a field: {type(error).__name__}: {error}") from None
-            if size not in (None, (width, height)):
-                raise BadRequest(f"the regions disagree on the image size: {size} and {(width, height)}")
-            size = (width, height)
-        if not points and box is None:
-            raise BadRequest("the interactive context has no keypoint or rectangle region")
-        return cls(points=tuple(points), box=box, label=label, width=size[0], height=size[1])
-
-    def key(self) -> Hashable:
-        return (self.points, self.box)
-
-    def without_last_point(self) -> "Prompts":
-        return Prompts(points=self.points[:-1], box=self.box, label=self.label, width=self.width, height=self.height)
 
 
 class InteractiveSegmenter:
@@ -246,20 +164,6 @@ class InteractiveSegmenter:
                 log.write(json.dumps(record) + "\n")
 
 
-def brush_region(mask: np.ndarray, *, schema: LabelingSchema, label: str | None) -> dict[str, Any]:
-    """A Label Studio BrushLabels region holding an HxW bool mask."""
-    height, width = mask.shape
-    return {
-        "from_name": schema.brush_name,
-        "to_name": schema.image_name,
-        "type": "brushlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_brush_rle(np.asarray(mask, dtype=bool)), "brushlabels": [label] if label else []},
-    }
-
-
 def build_app(segmenter: InteractiveSegmenter) -> Starlette:
     """The ASGI application speaking Label Studio's ML-backend protocol for `segmenter`."""
 
@@ -348,8 +252,8 @@ def _prefill(detector: Path, model: Sam):
     from omegaconf import OmegaConf
 
     from data_engine.prefill import BoxPrefill
-    from segany_train.predictor import SamPredictor
     from segany_train.config_paths import CONFIG_DIR
+    from segany_train.predictor import SamPredictor
 
     settings = OmegaConf.load(Path(CONFIG_DIR) / "engine" / "cycle.yaml").stage2.prefill
     return BoxPrefill.from_files(detector, SamPredictor(model), settings=settings)

@@ -7,6 +7,7 @@ as its web page would: the backend is never called directly.
 """
 
 import json
+import subprocess
 import tarfile
 import time
 import warnings
@@ -14,18 +15,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
+from label_studio_servers import (
+    API_TOKEN,
+    free_port,
+    label_studio_venv,
+    start_label_studio,
+    start_segany_serve,
+)
 
-from data_engine.annotation_tasks import AwaitingAnnotation, export_tasks, import_annotations
+from data_engine.annotation_tasks import (
+    AwaitingAnnotation,
+    export_tasks,
+    import_annotations,
+)
 from data_engine.corpus import gt_masks_of, read_labelled_images
-from data_engine.label_studio_tasks import LABEL_CONFIG, PREFILL_MODEL_VERSION, SCHEMA, collect_round, connect_backend, publish_round
-from label_studio_servers import free_port, label_studio_venv, start_label_studio, start_segany_serve, API_TOKEN
-from segany_train.data.brush_rle import brush_rle_to_mask
+from data_engine.label_studio_tasks import (
+    LABEL_CONFIG,
+    PREFILL_MODEL_VERSION,
+    SCHEMA,
+    collect_round,
+    connect_backend,
+    publish_round,
+)
+from segany_train.data.brush_rle import brush_rle_to_mask, mask_to_brush_rle
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.inference_options import build_model
-from segany_train.label_studio_backend import brush_region
 from segany_train.label_studio_client import LabelStudioClient
+from segany_train.label_studio_regions import brush_region
 from segany_train.predictor import SamPredictor
 
 pytestmark = pytest.mark.label_studio
@@ -112,6 +129,34 @@ def _upload(client: LabelStudioClient, project: int, pool: list[str], count: int
     return [(by_name[f"{i.key}.jpg"], i) for i in items]
 
 
+# runs in Label Studio's venv: its own brush RLE decoder and encoder (label_studio_sdk.converter.brush)
+_LABEL_STUDIO_BRUSH = """
+import json, sys
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+cases = json.load(sys.stdin)
+out = []
+for case in cases:
+    h, w = case["shape"]
+    decoded = np.reshape(decode_rle(case["ours"]), (h, w, 4))[:, :, 3] > 127
+    out.append({"decoded": decoded.ravel().tolist(), "theirs": [int(v) for v in mask2rle(np.array(case["mask"], np.uint8).reshape(h, w) * 255)]})
+json.dump(out, sys.stdout)
+"""
+
+
+def test_brush_rles_are_label_studios_own_format(servers):
+    """Our masks decode with Label Studio's decoder, and its encoder's RLEs decode with ours."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:90, :120]
+    masks = [rng.random((31, 17)) > 0.5, np.zeros((8, 9), bool), (yy - 40) ** 2 + (xx - 70) ** 2 < 900, np.ones((300, 300), bool)]
+    cases = [{"shape": list(m.shape), "ours": mask_to_brush_rle(m), "mask": m.astype(int).ravel().tolist()} for m in masks]
+    python = str(label_studio_venv() / "bin" / "python")
+    answer = subprocess.run([python, "-c", _LABEL_STUDIO_BRUSH], input=json.dumps(cases), capture_output=True, text=True, check=True)
+    for mask, result in zip(masks, json.loads(answer.stdout)):
+        assert np.array_equal(np.array(result["decoded"]).reshape(mask.shape), mask)
+        assert np.array_equal(brush_rle_to_mask(result["theirs"], height=mask.shape[0], width=mask.shape[1]), mask)
+
+
 def test_segany_serve_connects_and_refuses_a_config_without_brush_labels(servers):
     project = servers.project("connect")
     backend = servers.backend_of(project)
@@ -177,7 +222,7 @@ def test_a_round_through_label_studio_comes_back_as_the_submitted_masks(servers,
     export_tasks(pool, task_dir, prefill=lambda image: prefill[next(order)], progress=False)
     record = publish_round(task_dir, servers.client, title="engine round")
     assert connect_backend(servers.client, record["project"], servers.serve.url) is None
-    with pytest.raises(AwaitingAnnotation, match=f"6 of 6 tasks still to submit or skip; open here"):
+    with pytest.raises(AwaitingAnnotation, match="6 of 6 tasks still to submit or skip; open here"):
         collect_round(task_dir, servers.client, waiting_message="open here")
 
     keys = sorted(items)
@@ -223,3 +268,47 @@ def test_a_round_through_label_studio_comes_back_as_the_submitted_masks(servers,
     kept = keys[0]
     assert stats[kept]["prefilled_accepted"] == 1 and stats[kept]["seconds"] == 20.0 + len(submitted[kept])
     assert stats[kept]["mask_seconds"] == [stats[kept]["seconds"] / stats[kept]["new_masks"]] * stats[kept]["new_masks"]
+
+
+def test_the_engine_waits_for_each_label_studio_round_and_imports_it(servers, tmp_path):
+    """segany-engine annotator.kind=label_studio: each round is a project the engine waits on (exit
+    status 3 from the command), people submit every GT object, the cycle continues with their masks."""
+    from test_engine import _engine_config
+
+    from data_engine import engine
+    from data_engine.annotation_tasks import INDEX_FILE
+    from data_engine.label_studio_tasks import PROJECT_FILE
+
+    corpus = tmp_path / "corpus"
+    cfg = _engine_config(
+        tmp_path,
+        corpus,
+        [
+            "annotator.kind=label_studio",
+            f"annotator.label_studio.url={servers.label_studio.url}",
+            f"annotator.label_studio.api_key={API_TOKEN}",
+            f"annotator.label_studio.backend_url={servers.serve.url}",
+            "stage1.rounds=1", "stage2.rounds=1", "stage3.train_steps=0", "control.enabled=false",
+        ],
+    )  # fmt: skip
+    run = tmp_path / "run"
+    for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
+        with pytest.raises(AwaitingAnnotation, match=rf"tasks still to submit or skip; open {servers.label_studio.url}/projects/\d+ .*segany-serve --checkpoint"):
+            engine.run_engine(cfg)
+        assert step not in json.loads((run / "engine.json").read_text())["steps"]
+        tasks = run / step / "tasks"
+        record = json.loads((tasks / PROJECT_FILE).read_text())
+        (backend,) = servers.client.call("GET", "/api/ml", params={"project": record["project"]})
+        assert backend["url"] == servers.serve.url and backend["is_interactive"]
+        index = json.loads((tasks / INDEX_FILE).read_text())
+        gt = {item.key: item.gt_masks for item in read_labelled_images(index["shards"])}
+        for name, task_id in record["tasks"].items():
+            regions = [{**brush_region(m, schema=SCHEMA, label="object"), "id": f"r{k}"} for k, m in enumerate(gt[index["images"][name]["key"]])]
+            servers.client.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": regions, "lead_time": 6.0 * len(regions)})
+    engine.run_engine(cfg)
+    steps = json.loads((run / "engine.json").read_text())["steps"]
+    for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
+        stats = steps[step]["stats"]
+        assert stats["masks_per_image"] == stats["gt_objects_per_image"] > 0  # every GT object came back
+        if stats["prefilled_accepted_per_image"] == 0:
+            assert stats["seconds_per_mask"] == pytest.approx(6.0)  # lead_time over the new masks
