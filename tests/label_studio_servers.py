@@ -21,6 +21,8 @@ import httpx
 
 LABEL_STUDIO_VERSION = "1.23.2"
 API_TOKEN = "5e9a" * 10  # the legacy token the test user gets (40 hex characters)
+USER_EMAIL = "annotator@example.com"
+USER_PASSWORD = "segany-test-password"
 START_TIMEOUT_SECONDS = 240
 
 
@@ -133,7 +135,7 @@ def _launch_label_studio(venv: Path, data_dir: Path, *, port: int) -> RunningSer
     command = [
         str(venv / "bin" / "python"), "-m", "label_studio.server", "start", "--no-browser",
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-        "--username", "annotator@example.com", "--password", "segany-test-password",
+        "--username", USER_EMAIL, "--password", USER_PASSWORD,
         "--user-token", API_TOKEN, "--enable-legacy-api-token",
     ]  # fmt: skip
     return _start("label-studio", command, url=f"http://127.0.0.1:{port}", log=data_dir / "label-studio.log", env=env, cwd=data_dir)

@@ -7,6 +7,7 @@ as its web page would: the backend is never called directly.
 """
 
 import json
+import os
 import subprocess
 import tarfile
 import time
@@ -15,13 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from headless_chromium import CHROMIUM, login_session_cookie, screenshot
 from label_studio_servers import (
     API_TOKEN,
+    USER_EMAIL,
+    USER_PASSWORD,
     free_port,
     label_studio_venv,
     start_label_studio,
     start_segany_serve,
 )
+from PIL import Image
 
 from data_engine.annotation_tasks import (
     AwaitingAnnotation,
@@ -40,10 +45,10 @@ from data_engine.label_studio_tasks import (
 from segany_train.data.brush_rle import brush_rle_to_mask, mask_to_brush_rle
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.inference_options import build_model
+from segany_train.inference.cli_options import build_model
 from segany_train.label_studio_client import LabelStudioClient
 from segany_train.label_studio_regions import brush_region
-from segany_train.predictor import SamPredictor
+from segany_train.inference.predictor import SamPredictor
 
 pytestmark = pytest.mark.label_studio
 
@@ -312,3 +317,29 @@ def test_the_engine_waits_for_each_label_studio_round_and_imports_it(servers, tm
         assert stats["masks_per_image"] == stats["gt_objects_per_image"] > 0  # every GT object came back
         if stats["prefilled_accepted_per_image"] == 0:
             assert stats["seconds_per_mask"] == pytest.approx(6.0)  # lead_time over the new masks
+
+
+def test_a_labeling_page_with_its_prefilled_masks_in_headless_chromium(servers, pool, tmp_path):
+    """The labeling page of a stage 2 task, as an annotator sees it, saved as a PNG (the README links
+    the copy in benchmarks/; $SEGANY_SCREENSHOT_DIR chooses where the test writes it)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install -y chromium)")
+    items = list(read_labelled_images(pool[:1]))[:1]
+    prefill = iter([sorted(items[0].gt_masks, key=np.count_nonzero)[-2:]])
+    export_tasks(pool[:1], tmp_path, prefill=lambda image: next(prefill, []), progress=False)
+    record = publish_round(tmp_path, servers.client, title="screenshot")
+    task = record["tasks"][f"{items[0].key}.jpg"]
+    cookie = login_session_cookie(servers.label_studio.url, email=USER_EMAIL, password=USER_PASSWORD)
+    out = Path(os.environ.get("SEGANY_SCREENSHOT_DIR", tmp_path)) / "label_studio_labeling_page.png"
+    # ready: the editor drew the image and listed both pre-filled regions
+    # (the label button names "object" once, each region in the Regions panel once more)
+    ready = "document.querySelectorAll('canvas').length > 0 && document.body.innerText.split('object').length - 1 >= 3"
+    screenshot(
+        f"{servers.label_studio.url}/projects/{record['project']}/data?task={task}",
+        out,
+        cookie=("sessionid", cookie, servers.label_studio.url),
+        ready_script=ready,
+    )
+    print(f"\nscreenshot: {out}")
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    assert pixels.shape == (900, 1400, 3) and pixels.std() > 10  # a drawn page, not a blank one
