@@ -39,7 +39,7 @@ class MaskDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.prompt_chunk_size = prompt_chunk_size
-        self.reference = False
+        self.reference = False  # True: `forward` runs the reference path (see the class docstring)
         self.transformer_dim = transformer_dim
         self.transformer = transformer
         self.num_multimask_outputs = num_multimask_outputs
@@ -130,9 +130,9 @@ class MaskDecoder(nn.Module):
         """The reference path: the official algorithm, for every mask token.
 
         Arguments as `forward`'s. Each prompt gets its own copy of its image's embedding plus its
-        dense prompt, every attention is the plain one, the upscaling runs the transposed
-        convolutions; nothing is chunked or shared between prompts. Returns NxKx4hx4w logits and NxK
-        IoU for all K mask tokens (token 0 the single-mask output).
+        dense prompt and of the positional encoding, every attention is the plain one, the upscaling
+        runs the transposed convolutions; nothing is chunked or shared between prompts. Returns
+        NxKx4hx4w logits and NxK IoU for all K mask tokens (token 0 the single-mask output).
         """
         n = sparse_prompt_embeddings.shape[0]
         image_index = self._resolve_image_index(
@@ -140,7 +140,9 @@ class MaskDecoder(nn.Module):
         )
         tokens, token_mask = self._prompt_tokens(sparse_prompt_embeddings, token_mask)
         src = image_embeddings[image_index] + dense_prompt_embeddings
-        hs, keys = self.transformer(src, image_pe, tokens, token_mask, reference=True)
+        # copied per prompt as officially, so that the benchmarks' baseline does the official work
+        pos_src = image_pe.expand(n, -1, -1, -1).contiguous()
+        hs, keys = self.transformer(src, pos_src, tokens, token_mask, reference=True)
         _, c, h, w = src.shape
         upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(n, c, h, w))  # N x C/8 x 4h x 4w
         hyper_in = torch.stack(
