@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator  # noqa: E402
-from segany_train.cpu_allocator import retain_freed_memory  # noqa: E402
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator  # noqa: E402
+from segany_train.inference.cpu_allocator import retain_freed_memory  # noqa: E402
 from segany_train.model import build_sam_by_name  # noqa: E402
 
 TARGET_TOTAL_S = 45.0  # from the issue (the official generator: ~250 s)

@@ -23,7 +23,7 @@ from timing import median_seconds  # noqa: E402
 from segany_train.data.image_decoding import decode_jpeg_resized  # noqa: E402
 from segany_train.data.sa1b import annotation_from_mask, decode_sample, encode_sample, make_record  # noqa: E402
 from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample  # noqa: E402
-from segany_train.transforms import ResizeLongestSide  # noqa: E402
+from segany_train.model.transforms import ResizeLongestSide  # noqa: E402
 
 HEIGHT, WIDTH = 1500, 2250
 

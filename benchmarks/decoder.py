@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
-from segany_train.cpu_allocator import retain_freed_memory  # noqa: E402
+from segany_train.inference.cpu_allocator import retain_freed_memory  # noqa: E402
 from segany_train.model import sam_model_registry  # noqa: E402
 
 TARGET_MS = {1: 35.0, 64: 30.0}  # per prompt, from the issue; the official package measured 97 and 218

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import official_style  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
-from segany_train.cpu_allocator import retain_freed_memory  # noqa: E402
+from segany_train.inference.cpu_allocator import retain_freed_memory  # noqa: E402
 from segany_train.model import sam_model_registry  # noqa: E402
 
 TARGET_S = 12.0  # from the issue; the official package measured 24 s

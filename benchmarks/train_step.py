@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from segany_train.cpu_allocator import retain_freed_memory
+from segany_train.inference.cpu_allocator import retain_freed_memory
 from segany_train.model import build_sam_by_name
 from segany_train.prompting.rollout import RolloutConfig, run_rollout
 from segany_train.training.losses import LossWeights, sam_loss

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from segany_train.data.mask_iou import dense_mask_iou, encode_masks, rle_iou_matrix
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model.sam import Sam
-from segany_train.predictor import SamPredictor
 from segany_train.prompting import center_correction_clicks
 
 

@@ -19,12 +19,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_engine.shard_outputs import OutputImage, completed_output, resume_outputs, write_output
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.mask_iou import rle_iou_matrix
 from segany_train.data.pipeline import SkipLog, read_records
 from segany_train.data.rle import parse_rles
 from segany_train.data.sa1b import BadSample
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 
 
 def image_quality(rles: list[dict[str, Any]], gt_rles: list[dict[str, Any]]) -> dict[str, Any]:

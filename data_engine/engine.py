@@ -36,13 +36,13 @@ from data_engine.retraining import compose_training_config, retrain
 from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
 from segany_train.amg.generator_settings import GeneratorSettings
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import lock_directory
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam, build_sam_from_checkpoint
-from segany_train.predictor import SamPredictor
 
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result

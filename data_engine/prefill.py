@@ -14,8 +14,8 @@ from data_engine.box_detection.detection import detect_boxes
 from data_engine.box_detection.head_file import load_box_head, save_box_head
 from data_engine.box_detection.training import train_box_detector
 from segany_train.amg.mask_ops import box_nms, masks_to_boxes, stability_score
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam
-from segany_train.predictor import SamPredictor
 
 
 def train_prefill_detector(sam: Sam, shards: list[str], out_dir: Path, *, settings: Any, seed: int, progress: bool = True) -> Path:

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_engine.targets import targets_table  # noqa: E402
-from segany_train.mask_overlay import render_overlay  # noqa: E402
+from segany_train.inference.mask_overlay import render_overlay  # noqa: E402
 
 COLUMNS = [
     ("stage", "stage", "{}"),

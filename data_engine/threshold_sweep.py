@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from data_engine.automatic_step import image_quality, summarize_quality
 from data_engine.corpus import read_labelled_images
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.mask_iou import encode_masks
 from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam_from_checkpoint
 
 

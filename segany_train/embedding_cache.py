@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segany_train.model.sam import Sam
-from segany_train.predictor import SamPredictor
+from segany_train.inference.predictor import SamPredictor
 
 
 @dataclass

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segany_train.inference_options import build_model
+from segany_train.inference.cli_options import build_model
 from segany_train.model import SamCheckpointError
 from segany_train.model.checkpoint import save_official_checkpoint
 from segany_train.model.hf_layout import save_hf_checkpoint

@@ -37,10 +37,10 @@ from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.sa1b import decode_sample
 from segany_train.data.shard_writer import write_json_atomically
-from segany_train.mask_overlay import render_overlay
+from segany_train.inference.mask_overlay import render_overlay
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
-from segany_train.predictor import SamPredictor
+from segany_train.inference.predictor import SamPredictor
 from segany_train.prompting.distance import distance_to_boundary
 
 MODES = ("decoder", "lora", "full")

@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from segany_train.data.image_loading import load_image
 from segany_train.embedding_cache import CachedImage, EmbeddingCache
-from segany_train.inference_options import add_model_arguments, describe_model, load_model
+from segany_train.inference.cli_options import add_model_arguments, describe_model, load_model
 from segany_train.label_studio_client import LabelStudioClient, LabelStudioError
 from segany_train.label_studio_regions import BadRequest, LabelingSchema, Prompts, brush_region
 from segany_train.model.sam import Sam
@@ -253,7 +253,7 @@ def _prefill(detector: Path, model: Sam):
 
     from data_engine.prefill import BoxPrefill
     from segany_train.config_paths import CONFIG_DIR
-    from segany_train.predictor import SamPredictor
+    from segany_train.inference.predictor import SamPredictor
 
     settings = OmegaConf.load(Path(CONFIG_DIR) / "engine" / "cycle.yaml").stage2.prefill
     return BoxPrefill.from_files(detector, SamPredictor(model), settings=settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segany_train.inference_options import build_model
+from segany_train.inference.cli_options import build_model
 from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError
 from segany_train.onnx_model import SamOnnxModel
 

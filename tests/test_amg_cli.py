@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segany_train import amg_cli
 from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import read_records
 from segany_train.data.sa1b import decode_sample, encode_sample, validate_record
 from segany_train.data.synthetic import generate_image, write_synthetic_corpus
-from segany_train.mask_overlay import distinct_colours, mask_outline, render_overlay
+from segany_train.inference import amg_cli
+from segany_train.inference.mask_overlay import distinct_colours, mask_outline, render_overlay
 
 # a random-weight model keeps almost nothing under the official thresholds
 LOW_THRESHOLDS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--box-nms-thresh", "0.9"]

@@ -15,8 +15,8 @@ import torch
 from data_engine.annotator import Annotator, Click, ImageAnnotation, SimulatedAnnotator, TimeModel, correction_click
 from segany_train.data.mask_iou import dense_mask_iou
 from segany_train.data.synthetic import generate_image
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model import build_sam
-from segany_train.predictor import SamPredictor
 from segany_train.prompting import center_correction_clicks
 from tests.conftest import TINY, randomized
 

@@ -11,21 +11,16 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from segany_train.amg import (
-    coco_rle,
-    mask_to_rle_counts,
-    point_grid,
-)
-from segany_train.automatic_mask_generator import (
+from segany_train.amg import coco_rle, mask_to_rle_counts, point_grid
+from segany_train.data.sa1b import encode_sample, validate_record
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.inference.automatic_mask_generator import (
     PAPER_STAGE3_SETTINGS,
     SamAutomaticMaskGenerator,
     sa1b_record_from_masks,
 )
-from segany_train.data.sa1b import encode_sample, validate_record
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 from segany_train.model import Sam, build_sam
 from tests.conftest import FIXTURES, TINY, parity_config
-
 
 # ---------------------------------------------------------------- the generator on a stand-in model
 
@@ -385,7 +380,7 @@ def test_generator_settings_are_the_one_source_of_defaults():
     from dataclasses import fields
 
     from segany_train.amg.generator_settings import GeneratorSettings
-    from segany_train.inference_options import add_generator_arguments, generator_settings
+    from segany_train.inference.cli_options import add_generator_arguments, generator_settings
 
     signature = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     for setting in fields(GeneratorSettings):

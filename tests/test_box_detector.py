@@ -17,8 +17,8 @@ from data_engine.box_detection.training_data import encode_training_data, xywh_t
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.synthetic import write_synthetic_corpus
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model import build_sam_by_name
-from segany_train.predictor import SamPredictor
 
 EDGES = (1.0, 2.5, 6.0)
 

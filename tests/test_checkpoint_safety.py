@@ -11,10 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from segany_train import amg_cli
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.evaluation import cli as evaluation_cli
-from segany_train.inference_options import build_model
+from segany_train.inference import amg_cli
+from segany_train.inference.cli_options import build_model
 from segany_train.model import SamCheckpointError, build_sam, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
 from segany_train.train import train
@@ -49,7 +49,7 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("cli", ["segany_train.amg_cli", "segany_train.onnx_export"])
+@pytest.mark.parametrize("cli", ["segany_train.inference.amg_cli", "segany_train.onnx_export"])
 def test_clis_refuse_malicious_checkpoint_in_one_line(tmp_path, cli):
     path, marker = malicious_checkpoint(tmp_path)
     photos = tmp_path / "photos"

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segany_train import amg_cli
-from segany_train.evaluation import cli as evaluation_cli
 from segany_train.data import coco, synthetic
 from segany_train.data.datamodule import count_samples
 from segany_train.data.pipeline import expand_shard_patterns, read_records
 from segany_train.data.sa1b import annotation_from_mask, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.evaluation import cli as evaluation_cli
+from segany_train.inference import amg_cli
 from tests.conftest import tiny_training_overrides
 from tests.shards import jpeg_bytes, make_image, record_for, write_shards
 

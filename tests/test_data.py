@@ -16,7 +16,7 @@ from segany_train.data.rle import decode_rle_at, nearest_indices, rle_counts
 from segany_train.data.sa1b import BadSample, decode_sample, sample_key
 from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
-from segany_train.transforms import ResizeLongestSide
+from segany_train.model.transforms import ResizeLongestSide
 from tests.shards import jpeg_bytes, make_image, record_for, release_record, write_release_tars, write_shards
 
 SMALL = SamSampleConfig(image_size=128, mask_size=32)

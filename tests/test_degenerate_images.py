@@ -3,11 +3,11 @@
 import numpy as np
 from PIL import Image
 
-from segany_train import amg_cli
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample
-from segany_train.transforms import ResizeLongestSide
+from segany_train.inference import amg_cli
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.model.transforms import ResizeLongestSide
 from tests.shards import jpeg_bytes
 
 THIN = np.random.default_rng(0).integers(0, 255, (3, 2000, 3)).astype(np.uint8)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.sa1b import annotation_from_mask, make_record
@@ -18,6 +17,7 @@ from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli
 from segany_train.evaluation.coco_ap import STAT_NAMES, coco_mask_ap
 from segany_train.evaluation.interactive import InteractiveEvalConfig, summarize_interactive, valid_regions
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam, build_sam_by_name
 from segany_train.prompting.rollout import run_rollout
 from tests.conftest import TINY, randomized

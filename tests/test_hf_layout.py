@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segany_train.inference_options import build_model
+from segany_train.inference.cli_options import build_model
 from segany_train.model import build_sam_by_name
 from segany_train.model.checkpoint import SamCheckpointError
 from segany_train.model.hf_layout import hf_to_official, official_to_hf, save_hf_checkpoint

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segany_train import amg_cli
 from segany_train.data import coco
 from segany_train.data.image_loading import load_image
 from segany_train.data.sa1b import BadSample
+from segany_train.inference import amg_cli
 
 
 def encoded(array: np.ndarray, fmt: str) -> bytes:

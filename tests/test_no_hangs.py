@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import NoUsableSamples, sam_sample_pipeline
 from segany_train.data.sa1b import sample_key
 from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.evaluation.automatic import evaluate_automatic_masks
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from tests.conftest import tiny_training_overrides
 from tests.shards import jpeg_bytes, make_image, record_for, write_shards
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from segany_train import amg_cli
 from segany_train.data.sa1b import sample_key
 from segany_train.data.shard_writer import SA1BShardWriter
+from segany_train.inference import amg_cli
 from tests.shards import jpeg_bytes, make_image, record_for
 
 HOLD_LOCK = """

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from segany_train.model import Sam
-from segany_train.transforms import ResizeLongestSide
+from segany_train.model.transforms import ResizeLongestSide
 
 ENCODE_BATCH = 8  # images per image-encoder call
 

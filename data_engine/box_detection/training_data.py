@@ -14,7 +14,7 @@ from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample
 from segany_train.model import Sam
-from segany_train.transforms import ResizeLongestSide
+from segany_train.model.transforms import ResizeLongestSide
 
 
 def xywh_to_input_xyxy(boxes_xywh: np.ndarray | torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
 from segany_train.data.rle import decode_rles_at, nearest_indices
 from segany_train.data.sa1b import BadSample
-from segany_train.transforms import ResizeLongestSide
+from segany_train.model.transforms import ResizeLongestSide
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import STAT_NAMES
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
-from segany_train.inference_options import (
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.inference.cli_options import (
     add_generator_arguments,
     add_model_arguments,
     describe_model,

@@ -28,8 +28,8 @@ from segany_train.data.pipeline import SkipLog, collate_sam_samples, sam_sample_
 from segany_train.data.rle import decode_rles_at
 from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.model import Sam
+from segany_train.model.transforms import ResizeLongestSide
 from segany_train.prompting.rollout import RolloutConfig, interactive_ious
-from segany_train.transforms import ResizeLongestSide
 
 REPORT_CLICKS = (1, 2, 3, 5, 9)
 NOC_THRESHOLDS = (0.85, 0.90)

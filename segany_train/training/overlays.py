@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
 
-from segany_train.mask_overlay import render_overlay
+from segany_train.inference.mask_overlay import render_overlay
 
 
 def render_training_panels(

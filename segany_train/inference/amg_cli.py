@@ -30,7 +30,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from segany_train.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.data.datamodule import count_samples
 from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.image_decoding import decode_record_image
@@ -39,14 +38,15 @@ from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_reco
 from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import BadSample, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_bytes_atomically, write_json_atomically
-from segany_train.inference_options import (
+from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
+from segany_train.inference.cli_options import (
     add_generator_arguments,
     add_model_arguments,
     generator_settings,
     load_model,
     prepare_output_directory,
 )
-from segany_train.mask_overlay import render_overlay
+from segany_train.inference.mask_overlay import render_overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 JPEG_QUALITY = 95  # re-encoding non-JPEG inputs for --shards-out

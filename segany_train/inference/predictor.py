@@ -5,11 +5,11 @@ import warnings
 import numpy as np
 import torch
 
-from segany_train.cpu_allocator import retain_freed_memory
+from segany_train.inference.cpu_allocator import retain_freed_memory
 from segany_train.model.prompt_encoder import BACKGROUND, BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
+from segany_train.model.transforms import ResizeLongestSide
 from segany_train.model.two_way_transformer import SharedImageKeys
-from segany_train.transforms import ResizeLongestSide
 
 _POINT_LABELS = (NOT_A_POINT, BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT)
 

@@ -15,10 +15,10 @@ from segany_train.amg.mask_ops import box_area, box_near_crop_edge, box_nms, box
 from segany_train.amg.regions import remove_small_regions
 from segany_train.amg.rle import coco_rle, crop_masks_to_rle_counts, rle_area, rle_box, rle_counts_to_mask, uncompressed_rle
 from segany_train.amg.sa1b_record import sa1b_record_from_masks
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model.prompt_encoder import FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
 from segany_train.model.two_way_transformer import SharedImageKeys
-from segany_train.predictor import SamPredictor
 
 __all__ = ["PAPER_STAGE3_SETTINGS", "SamAutomaticMaskGenerator", "sa1b_record_from_masks"]
 
