@@ -204,7 +204,8 @@ def build_app(segmenter: InteractiveSegmenter) -> Starlette:
             Route("/predict", predict, methods=["POST"]),
             Route("/webhook", webhook, methods=["POST"]),
         ],
-        exception_handlers={BadRequest: bad_request, LabelStudioError: upstream_error},
+        # ValueError: a request segany cannot use (BadRequest, bad prompts, an unreadable image)
+        exception_handlers={ValueError: bad_request, LabelStudioError: upstream_error, httpx.HTTPError: upstream_error},
     )
 
 

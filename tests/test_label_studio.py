@@ -46,9 +46,9 @@ from segany_train.data.brush_rle import brush_rle_to_mask, mask_to_brush_rle
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.inference.cli_options import build_model
+from segany_train.inference.predictor import SamPredictor
 from segany_train.label_studio_client import LabelStudioClient
 from segany_train.label_studio_regions import brush_region
-from segany_train.inference.predictor import SamPredictor
 
 pytestmark = pytest.mark.label_studio
 
@@ -246,6 +246,17 @@ def test_a_round_through_label_studio_comes_back_as_the_submitted_masks(servers,
             regions.append({**brush_region(masks[0], schema=SCHEMA, label="object"), "id": "bad", "value": {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["object"]}})
         servers.client.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": regions, "lead_time": 20.0 + len(masks)})
         submitted[key] = masks
+
+    # Label Studio told segany-serve's /webhook about each submission (it makes the hook when the backend connects)
+    events_path = servers.serve.log.parent / "events.jsonl"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        events = [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
+        created = {e["task"] for e in events if e["action"] == "ANNOTATION_CREATED" and e["project"] == record["project"]}
+        if created == set(record["tasks"].values()):
+            break
+        time.sleep(0.5)
+    assert created == set(record["tasks"].values())
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
