@@ -354,3 +354,35 @@ def test_a_labeling_page_with_its_prefilled_masks_in_headless_chromium(servers, 
     print(f"\nscreenshot: {out}")
     pixels = np.asarray(Image.open(out).convert("RGB"))
     assert pixels.shape == (900, 1400, 3) and pixels.std() > 10  # a drawn page, not a blank one
+
+
+def test_whole_task_predictions_are_stage2s_prefill_from_the_rounds_detector(servers, pool, tmp_path):
+    """segany-serve --prefill-detector answers Label Studio's whole-task predictions (the Data
+    Manager's "Retrieve predictions", no interactive context) with the pre-fill the engine computes."""
+    from omegaconf import OmegaConf
+
+    from data_engine.prefill import BoxPrefill, train_prefill_detector
+    from segany_train.config_paths import CONFIG_DIR
+
+    sam = build_model(SEED_MODEL, None).eval()
+    settings = OmegaConf.load(Path(CONFIG_DIR) / "engine" / "cycle.yaml").stage2
+    detector = train_prefill_detector(sam, pool, tmp_path / "detector", settings=OmegaConf.merge(settings.detector, {"steps": 60}), seed=0, progress=False)
+    serve = start_segany_serve(["--checkpoint", str(SEED_MODEL), "--prefill-detector", str(detector)], port=free_port(), label_studio_url=servers.label_studio.url, work_dir=tmp_path)
+    try:
+        project = servers.client.call("POST", "/api/projects", json={"title": "whole-task predictions", "label_config": LABEL_CONFIG})["id"]
+        assert connect_backend(servers.client, project, serve.url) is None
+        uploaded = _upload(servers.client, project, pool, 3)
+        servers.client.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project}, json={"selectedItems": {"all": True, "excluded": []}})
+    finally:
+        serve.stop()
+    prefill = BoxPrefill.from_files(detector, SamPredictor(sam), settings=settings.prefill)
+    shown = 0
+    for task_id, item in uploaded:
+        (prediction,) = servers.client.call("GET", f"/api/tasks/{task_id}")["predictions"]
+        assert prediction["model_version"] == f"segany {SEED_MODEL}"
+        height, width = item.image.shape[:2]
+        masks = [brush_rle_to_mask(r["value"]["rle"], height=height, width=width) for r in prediction["result"]]
+        expected = prefill(item.image)
+        assert len(masks) == len(expected) and all(np.array_equal(a, b) for a, b in zip(masks, expected))
+        shown += len(masks)
+    assert shown > 0  # the detector found objects, so the comparison covers masks
