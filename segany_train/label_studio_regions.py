@@ -67,6 +67,8 @@ class Prompts:
         points, box, label, size = [], None, None, None
         for region in regions:
             kind, value = region.get("type"), region.get("value") or {}
+            if kind not in ("keypointlabels", "rectanglelabels"):
+                continue  # other regions (the annotator's brush strokes, choices) are not prompts
             try:
                 width, height = int(region["original_width"]), int(region["original_height"])
                 if kind == "keypointlabels":
@@ -78,8 +80,6 @@ class Prompts:
                     x1, y1 = x0 + float(value["width"]) / 100 * width, y0 + float(value["height"]) / 100 * height
                     box = (x0 - 0.5, y0 - 0.5, x1 - 0.5, y1 - 0.5)
                     label = (value.get("rectanglelabels") or [label])[0]
-                else:
-                    continue
             except (KeyError, TypeError, ValueError) as error:
                 raise BadRequest(f"a {kind} region lacks or mangles a field: {type(error).__name__}: {error}") from None
             if size not in (None, (width, height)):

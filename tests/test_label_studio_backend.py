@@ -1,0 +1,82 @@
+"""segany-serve's protocol answers in process (Starlette's test client, no Label Studio): what it
+refuses and how, the embedding cache's bound, the webhook record, and the command's one-line errors.
+The whole loop through a real Label Studio is in tests/test_label_studio.py."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, randomized
+from starlette.testclient import TestClient
+
+from data_engine.label_studio_tasks import LABEL_CONFIG
+from segany_train.embedding_cache import EmbeddingCache
+from segany_train.label_studio_backend import InteractiveSegmenter, build_app, main
+from segany_train.model import build_sam
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return randomized(build_sam(TINY)).eval()
+
+
+def _click(x: float, y: float, **extra) -> dict:
+    return {"type": "keypointlabels", "original_width": 64, "original_height": 48, "value": {"x": x, "y": y, "keypointlabels": ["object"]}, **extra}
+
+
+def test_requests_it_cannot_use_are_refused_in_one_line(tiny_model, tmp_path):
+    segmenter = InteractiveSegmenter(tiny_model, model_version="tiny", events_path=tmp_path / "events.jsonl")
+    client = TestClient(build_app(segmenter))
+    assert client.get("/health").json() == {"status": "UP", "model_class": "segany SAM", "model_version": "tiny"}
+    assert client.post("/setup", json={"schema": LABEL_CONFIG}).json() == {"model_version": "tiny"}
+    cases = [
+        ("/setup", {"schema": "<View><Image name='i' value='$i'/></View>"}, "no BrushLabels tag"),
+        ("/setup", {"schema": "<View"}, "not XML"),
+        ("/predict", {"label_config": LABEL_CONFIG}, "has no tasks"),
+        ("/predict", {"tasks": [{"id": 1, "data": {}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [_click(10, 10)]}}}, "has no 'image' image URL"),
+        ("/predict", {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [{"type": "keypointlabels", "value": {}}]}}}, "lacks or mangles a field"),
+        ("/predict", {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [{"type": "choices"}]}}}, "no keypoint or rectangle region"),
+        ("/predict", {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [_click(10, 10)]}}}, "does not know Label Studio's address"),
+        ("/predict", {"tasks": [{"id": 1, "data": {"image": "ftp://x/y.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [_click(10, 10)]}}}, "not an http"),
+    ]
+    for path, body, message in cases:
+        answer = client.post(path, json=body)
+        assert answer.status_code == 400 and message in answer.json()["error"] and "\n" not in answer.json()["error"], (path, answer.text)
+    assert client.post("/predict", content=b"not json").status_code == 400
+    # the webhook records annotation events
+    client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "task": {"id": 7}, "annotation": {"id": 11}})
+    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert (event["action"], event["project"], event["task"], event["annotation"]) == ("ANNOTATION_CREATED", 3, 7, 11)
+    assert list(segmenter.events) == [event]
+
+
+def test_the_embedding_cache_keeps_the_most_recently_used_images(tiny_model):
+    cache = EmbeddingCache(tiny_model, capacity=2)
+    loads = []
+
+    def image(seed: int):
+        def load() -> np.ndarray:
+            loads.append(seed)
+            return np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+
+        return load
+
+    first = cache.get("a", image(1))
+    assert cache.get("a", image(1)) is first and loads == [1]  # a hit: no load, no encoder
+    cache.get("b", image(2))
+    cache.get("a", image(1))  # a is now the most recent
+    cache.get("c", image(3))  # drops b
+    assert "a" in cache and "c" in cache and "b" not in cache and len(cache) == 2 and loads == [1, 2, 3]
+    with pytest.raises(ValueError, match="capacity >= 1"):
+        EmbeddingCache(tiny_model, capacity=0)
+
+
+def test_the_command_refuses_bad_options_in_one_line(capsys):
+    with pytest.raises(SystemExit, match="segany-serve: error: give --checkpoint, --model-type"):
+        main([])
+    with pytest.raises(SystemExit, match="--cache-size must be at least 1, got 0"):
+        main(["--model-type", "vit_b", "--cache-size", "0"])
+    with pytest.raises(SystemExit, match="segany-serve: error: .*missing.pth"):
+        main(["--checkpoint", "missing.pth"])
