@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from data_engine.annotation_tasks import CATEGORY, IMAGES_DIR, RESULT_FILE, TASKS_FILE, AwaitingAnnotation, _prefilled_masks
+import httpx
+
+from data_engine.annotation_tasks import (
+    CATEGORY,
+    IMAGES_DIR,
+    RESULT_FILE,
+    TASKS_FILE,
+    AwaitingAnnotation,
+    _prefilled_masks,
+)
 from segany_train.data.brush_rle import brush_rle_to_mask
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.sa1b import annotation_from_mask
@@ -165,15 +174,28 @@ def sync_round(task_dir: str | Path, *, settings: Any, title: str, checkpoint: s
     try:
         record = publish_round(task_dir, client, title=title)
         problem = connect_backend(client, record["project"], settings.backend_url)
+        problem = f"it is not connected: {problem}" if problem else _serves_another_model(settings.backend_url, checkpoint)
         serve = f"segany-serve --checkpoint {checkpoint} --port {urlsplit(settings.backend_url).port or 80} --label-studio-url {settings.url}"
         message = (
             f"open {client.url}/projects/{record['project']} ({title}); run `{serve}` for the round's model"
-            + (f" (it is not connected yet: {problem})" if problem else "")
+            + (f" ({problem})" if problem else "")
             + "; then run the same command again"
         )
         collect_round(task_dir, client, waiting_message=message)
     finally:
         client.close()
+
+
+def _serves_another_model(backend_url: str, checkpoint: str) -> str | None:
+    """Why the segany-serve at `backend_url` is not serving the round's `checkpoint`, or None if it is
+    (or cannot be asked: connect_backend says why)."""
+    try:
+        served = httpx.get(f"{backend_url.rstrip('/')}/health", timeout=10).json().get("checkpoint")
+    except (httpx.HTTPError, ValueError):
+        return None
+    if served and Path(served) == Path(checkpoint).resolve():
+        return None
+    return f"the segany-serve at {backend_url} serves {served or 'random weights'}, not this round's model"
 
 
 def _export(client: LabelStudioClient, project_id: int) -> list[dict[str, Any]]:

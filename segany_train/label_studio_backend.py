@@ -41,9 +41,18 @@ from starlette.routing import Route
 
 from segany_train.data.image_loading import load_image
 from segany_train.embedding_cache import CachedImage, EmbeddingCache
-from segany_train.inference.cli_options import add_model_arguments, describe_model, load_model
+from segany_train.inference.cli_options import (
+    add_model_arguments,
+    describe_model,
+    load_model,
+)
 from segany_train.label_studio_client import LabelStudioClient, LabelStudioError
-from segany_train.label_studio_regions import BadRequest, LabelingSchema, Prompts, brush_region
+from segany_train.label_studio_regions import (
+    BadRequest,
+    LabelingSchema,
+    Prompts,
+    brush_region,
+)
 from segany_train.model.sam import Sam
 
 
@@ -59,6 +68,7 @@ class InteractiveSegmenter:
         label_studio_url: str | None = None,
         label_studio_api_key: str | None = None,
         events_path: Path | None = None,
+        checkpoint: str | None = None,
         prefill: Any = None,
     ) -> None:
         self.model = model
@@ -69,6 +79,7 @@ class InteractiveSegmenter:
         self.events_path = events_path
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.prefill = prefill  # image -> pre-filled masks (stage 2), or None
+        self.checkpoint = checkpoint  # the served file's absolute path (None: random weights), for /health
         self._client: LabelStudioClient | None = None
         self._lock = threading.Lock()  # one model call at a time: the predictors share the model
 
@@ -177,7 +188,7 @@ def build_app(segmenter: InteractiveSegmenter) -> Starlette:
         return body
 
     def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "UP", "model_class": "segany SAM", "model_version": segmenter.model_version})
+        return JSONResponse({"status": "UP", "model_class": "segany SAM", "model_version": segmenter.model_version, "checkpoint": segmenter.checkpoint})
 
     async def setup(request: Request) -> JSONResponse:
         return JSONResponse(segmenter.setup(await _json_body(request)))
@@ -236,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         segmenter = InteractiveSegmenter(
             model,
             model_version=f"segany {describe_model(args)}",
+            checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else None,
             cache_size=args.cache_size,
             label_studio_url=args.label_studio_url or os.environ.get("LABEL_STUDIO_URL"),
             label_studio_api_key=args.label_studio_api_key or os.environ.get("LABEL_STUDIO_API_KEY"),

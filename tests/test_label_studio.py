@@ -309,8 +309,10 @@ def test_the_engine_waits_for_each_label_studio_round_and_imports_it(servers, tm
     )  # fmt: skip
     run = tmp_path / "run"
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
-        with pytest.raises(AwaitingAnnotation, match=rf"tasks still to submit or skip; open {servers.label_studio.url}/projects/\d+ .*segany-serve --checkpoint"):
+        with pytest.raises(AwaitingAnnotation, match=rf"tasks still to submit or skip; open {servers.label_studio.url}/projects/\d+ .*segany-serve --checkpoint") as waiting:
             engine.run_engine(cfg)
+        # the session's segany-serve runs the shipped seed, not this run's model: the message says so
+        assert f"serves {SEED_MODEL}, not this round's model" in str(waiting.value)
         assert step not in json.loads((run / "engine.json").read_text())["steps"]
         tasks = run / step / "tasks"
         record = json.loads((tasks / PROJECT_FILE).read_text())

@@ -29,7 +29,7 @@ def _click(x: float, y: float, **extra) -> dict:
 def test_requests_it_cannot_use_are_refused_in_one_line(tiny_model, tmp_path):
     segmenter = InteractiveSegmenter(tiny_model, model_version="tiny", events_path=tmp_path / "events.jsonl")
     client = TestClient(build_app(segmenter))
-    assert client.get("/health").json() == {"status": "UP", "model_class": "segany SAM", "model_version": "tiny"}
+    assert client.get("/health").json() == {"status": "UP", "model_class": "segany SAM", "model_version": "tiny", "checkpoint": None}
     assert client.post("/setup", json={"schema": LABEL_CONFIG}).json() == {"model_version": "tiny"}
     cases = [
         ("/setup", {"schema": "<View><Image name='i' value='$i'/></View>"}, "no BrushLabels tag"),
