@@ -182,6 +182,8 @@ def sync_round(task_dir: str | Path, *, settings: Any, title: str, checkpoint: s
             + "; then run the same command again"
         )
         collect_round(task_dir, client, waiting_message=message)
+    except LabelStudioError as error:  # not running, a wrong key...: the round waits for the tool, in one line
+        raise AwaitingAnnotation(f"Label Studio at {settings.url} did not answer as expected ({error}); start it or fix the setting, then run the same command again") from None
     finally:
         client.close()
 

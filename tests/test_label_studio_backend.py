@@ -3,6 +3,7 @@ refuses and how, the embedding cache's bound, the webhook record, and the comman
 The whole loop through a real Label Studio is in tests/test_label_studio.py."""
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -80,3 +81,23 @@ def test_the_command_refuses_bad_options_in_one_line(capsys):
         main(["--model-type", "vit_b", "--cache-size", "0"])
     with pytest.raises(SystemExit, match="segany-serve: error: .*missing.pth"):
         main(["--checkpoint", "missing.pth"])
+
+
+def test_a_round_waits_in_one_line_when_label_studio_is_not_there(tmp_path):
+    from omegaconf import OmegaConf
+
+    from data_engine.annotation_tasks import AwaitingAnnotation, export_tasks
+    from data_engine.label_studio_tasks import sync_round
+    from segany_train.data.synthetic import write_synthetic_corpus
+
+    shards = write_synthetic_corpus(tmp_path / "pool", num_images=2, size=64, images_per_shard=2, progress=False)
+    export_tasks([str(s) for s in shards], tmp_path / "tasks", progress=False)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = OmegaConf.create({"url": f"http://127.0.0.1:{port}", "api_key": "0" * 40, "backend_url": "http://127.0.0.1:9"})
+    with pytest.raises(AwaitingAnnotation, match=rf"Label Studio at http://127.0.0.1:{port} did not answer as expected \(POST .*ConnectError"):
+        sync_round(tmp_path / "tasks", settings=settings, title="t", checkpoint="c.pt")
+    settings.api_key = None
+    with pytest.raises(ValueError, match="needs annotator.label_studio.api_key"):
+        sync_round(tmp_path / "tasks", settings=settings, title="t", checkpoint="c.pt")
