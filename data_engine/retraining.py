@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segany_train.config_paths import CONFIG_DIR
-from segany_train.train import train
+from segany_train.training.run import train
 
 
 def compose_training_config(overrides: list[str]) -> DictConfig:

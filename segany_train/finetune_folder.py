@@ -202,7 +202,7 @@ def render_report(summary: dict[str, Any]) -> str:
 def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
     """Runs the four steps of the module docstring; returns the summary also written to
     `run_dir/finetune/summary.json` (keys: before, after, mode, trainable_parameters, steps, ...)."""
-    from segany_train.train import build_model, train
+    from segany_train.training.run import build_model, train
 
     apply_finetune_mode(cfg)
     source = folder_source(cfg.data)

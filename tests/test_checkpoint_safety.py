@@ -17,7 +17,7 @@ from segany_train.inference import amg_cli
 from segany_train.inference.cli_options import build_model
 from segany_train.model import SamCheckpointError, build_sam, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
-from segany_train.train import train
+from segany_train.training.run import train
 from tests.conftest import TINY, tiny_training_overrides
 from tests.shards import write_shards
 

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from segany_train.finetune_folder import MODES, FinetuneConfigError, apply_finetune_mode, finetune_folder, folder_source
-from segany_train.train import CONFIG_DIR, build_model
+from segany_train.config_paths import CONFIG_DIR
+from segany_train.training.run import build_model
 from segany_train.data.synthetic import generate_label_map
 from segany_train.model import build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file

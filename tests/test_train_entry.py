@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.prompting.rollout import RolloutConfig
-from segany_train.train import _dataclass_from, build_datamodule, build_logger, build_model, train
 from segany_train.training.optim import OptimConfig
+from segany_train.training.run import _dataclass_from, build_datamodule, build_logger, build_model, train
 from tests.conftest import tiny_training_overrides
 from tests.shards import write_release_tars
 

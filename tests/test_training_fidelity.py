@@ -202,8 +202,8 @@ def _fit(module, batches: list[dict], **trainer_kwargs) -> None:
 def test_a_frozen_encoder_stays_in_eval_mode_so_drop_path_is_off():
     from omegaconf import OmegaConf
 
-    from segany_train.train import build_model
     from segany_train.training.module import SamTrainingModule
+    from segany_train.training.run import build_model
 
     cfg = OmegaConf.create({
         "name": "vit_t_256", "overrides": {"image_size": 128}, "checkpoint": None, "freeze": ["image_encoder"],
@@ -241,7 +241,7 @@ def _compose(overrides: list[str]):
 
 
 def test_the_cosine_schedule_length_follows_max_steps_unless_set(tmp_path):
-    from segany_train.train import optim_config
+    from segany_train.training.run import optim_config
 
     derived = optim_config(_compose(["optim=sam2", "trainer.max_steps=500", f"run_dir={tmp_path}"]))
     assert derived.total_steps == 500
@@ -261,7 +261,7 @@ def test_no_trainer_offers_gradient_accumulation_that_manual_optimisation_reject
 
 
 def test_encoder_activation_checkpointing_is_a_config_value(tmp_path):
-    from segany_train.train import build_model
+    from segany_train.training.run import build_model
 
     cfg = _compose(["model.activation_checkpointing=true", f"run_dir={tmp_path}"])
     assert build_model(cfg.model).image_encoder.activation_checkpointing is True
@@ -340,7 +340,7 @@ def test_an_mae_vit_checkpoint_initialises_the_image_encoder(tmp_path):
     torch.save({"model": mae}, tmp_path / "mae.pth")
     from omegaconf import OmegaConf
 
-    from segany_train.train import build_model
+    from segany_train.training.run import build_model
 
     cfg = OmegaConf.create({
         "name": "vit_t_256", "overrides": {"image_size": 128, "encoder_embed_dim": 32, "encoder_depth": 2,

@@ -16,7 +16,7 @@ from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli as eval_cli
 from segany_train.prompting.rollout import RolloutConfig, run_rollout
-from segany_train.train import train
+from segany_train.training.run import train
 from tests.conftest import tiny_training_overrides
 
 pytestmark = pytest.mark.gpu
