@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segany_train.model.sam import Sam
 from segany_train.inference.predictor import SamPredictor
+from segany_train.model.sam import Sam
 
 
 @dataclass

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ from segany_train.label_studio_regions import (
 )
 from segany_train.model.sam import Sam
 
+LOGITS_PER_IMAGE = 64  # prompt sequences whose answer is kept per cached image (256 kB each for SAM)
+
 
 class InteractiveSegmenter:
     """The model, its embedding cache, Label Studio's address, and the recorded webhook events."""
@@ -69,7 +72,7 @@ class InteractiveSegmenter:
         label_studio_api_key: str | None = None,
         events_path: Path | None = None,
         checkpoint: str | None = None,
-        prefill: Any = None,
+        prefill: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     ) -> None:
         self.model = model
         self.model_version = model_version
@@ -146,6 +149,8 @@ class InteractiveSegmenter:
         )
         best = int(np.argmax(scores))
         cached.logits_by_prompts[prompts.key()] = logits[best][None]
+        while len(cached.logits_by_prompts) > LOGITS_PER_IMAGE:  # the oldest prompt sequences go first
+            del cached.logits_by_prompts[next(iter(cached.logits_by_prompts))]
         label = prompts.label if prompts.label in schema.brush_labels else (schema.brush_labels or (None,))[0]
         region = brush_region(masks[best], schema=schema, label=label)
         return {"result": [region], "score": float(scores[best]), "model_version": self.model_version}
