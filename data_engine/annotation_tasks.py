@@ -109,7 +109,7 @@ def import_annotations(task_dir: str | Path, out_dir: str | Path, *, first_index
         raise ValueError(f"{result_path} is not a COCO instances file (it needs an 'images' list)")
     task_index = json.loads((task_dir / INDEX_FILE).read_text())
     exported = json.loads((task_dir / TASKS_FILE).read_text())
-    prefilled_per_file = _prefilled_masks(exported)
+    prefilled_per_file = exported_prefilled_masks(exported)
     gt_per_key = {item.key: item.gt_masks for item in read_labelled_images(task_index["shards"])}
 
     converter = CocoImageConverter(task_dir / IMAGES_DIR, skip_crowd=True)
@@ -152,7 +152,7 @@ def _renumbered(record: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _prefilled_masks(exported: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+def exported_prefilled_masks(exported: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     """file name -> the pre-filled masks exported with it (to tell accepted ones from new ones)."""
     names = {image["id"]: image["file_name"] for image in exported["images"]}
     masks: dict[str, list[np.ndarray]] = defaultdict(list)

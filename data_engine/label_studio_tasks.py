@@ -36,7 +36,7 @@ from data_engine.annotation_tasks import (
     RESULT_FILE,
     TASKS_FILE,
     AwaitingAnnotation,
-    _prefilled_masks,
+    exported_prefilled_masks,
 )
 from segany_train.data.brush_rle import brush_rle_to_mask
 from segany_train.data.coco import CocoConversionWarning
@@ -83,7 +83,7 @@ def publish_round(task_dir: str | Path, client: LabelStudioClient, *, title: str
         tasks[_uploaded_name(task)] = task["id"]
     if sorted(tasks) != sorted(names):
         raise LabelStudioError(f"project {project_id} holds {len(tasks)} tasks after the upload of {len(names)} images")
-    prefilled = _prefilled_masks(exported)
+    prefilled = exported_prefilled_masks(exported)
     for name, masks in prefilled.items():  # stage 2: the pre-filled masks, to accept, fix or delete
         client.call(
             "POST",
