@@ -121,3 +121,17 @@ def test_segany_train_entry_refuses_a_missing_folder_in_one_line(tmp_path: Path)
     )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == f"segany-train: error: data.folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_segany_finetune_wrapper_prints_the_report(tmp_path: Path, capsys) -> None:
+    from segany_train.finetune_folder import main
+
+    torch.set_num_threads(1)
+    folder = _write_folder(tmp_path / "data", count=4)
+    shrink = ["data.val_fraction=0.25", "data.batch_size=2", "data.max_masks=2", "data.num_workers=0", "prompting.num_iterations=2",
+              "prompting.num_correction_clicks=1", "callbacks.progress_bar=false", "logger.log_images_every_n_steps=0",
+              "trainer.max_steps=1", "finetune.overlays=0"]
+    main([str(folder), "--mode", "decoder", "--run-dir", str(tmp_path / "run"), *shrink])
+    printed = capsys.readouterr().out
+    assert "Mode **decoder**" in printed and "| after (fine-tuned) |" in printed
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
