@@ -37,7 +37,7 @@ class ItemError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DatasetItem:
     """One image and the files its object masks come from.
 

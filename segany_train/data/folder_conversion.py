@@ -55,7 +55,7 @@ class FolderConversionWarning(UserWarning):
     """An item or a mask file was skipped; the message names it and says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FolderSource:
     """Where a dataset is and in which layout (see `dataset_layouts`)."""
 
@@ -90,7 +90,7 @@ def _required(value: Any, option: str) -> Any:
     return value
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FolderConversionReport:
     """What a conversion wrote per split, what it skipped (reason -> count) and which items (name: why)."""
 
