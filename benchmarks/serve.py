@@ -30,18 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY, randomized
-from label_studio_servers import (
-    API_TOKEN,
-    free_port,
-    label_studio_venv,
-    start_label_studio,
-    start_segany_serve,
-)
+from label_studio_servers import API_TOKEN, free_port, label_studio_venv, start_label_studio, start_segany_serve
 
 from data_engine.label_studio_tasks import LABEL_CONFIG, connect_backend
 from segany_train.inference.cli_options import build_model
 from segany_train.inference.predictor import SamPredictor
-from segany_train.label_studio_client import LabelStudioClient
+from segany_train.label_studio.client import LabelStudioClient
 from segany_train.model import build_sam
 
 TARGET_RATIO = 2.0

@@ -6,7 +6,7 @@ the pre-filled masks, the index back to the shards), then published through Labe
 - one project per round (labeling config `LABEL_CONFIG`: BrushLabels for the masks, smart
   KeyPointLabels and RectangleLabels for the clicks and boxes that prompt the model), its images
   uploaded as tasks, stage 2's pre-filled masks attached to them as predictions;
-- `segany-serve` (a Label Studio ML backend, `segany_train/label_studio_backend.py`) connected as
+- `segany-serve` (a Label Studio ML backend, `segany_train/label_studio/backend.py`) connected as
   the project's interactive model; the engine's message says which checkpoint it should serve. A
   backend that is not reachable yet is connected on the next run.
 
@@ -42,8 +42,8 @@ from segany_train.data.brush_rle import brush_rle_to_mask
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.sa1b import annotation_from_mask
 from segany_train.data.shard_writer import write_json_atomically
-from segany_train.label_studio_client import LabelStudioClient, LabelStudioError
-from segany_train.label_studio_regions import LabelingSchema, brush_region
+from segany_train.label_studio.client import LabelStudioClient, LabelStudioError
+from segany_train.label_studio.regions import LabelingSchema, brush_region
 
 PROJECT_FILE = "label_studio_project.json"  # in the task directory: the round's project and task ids
 PREFILL_MODEL_VERSION = "stage 2 pre-fill"

@@ -145,7 +145,7 @@ def start_segany_serve(model_args: list[str], *, port: int, label_studio_url: st
     """segany-serve (this checkout's) on 127.0.0.1:`port`, fetching images from `label_studio_url`."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     command = [
-        sys.executable, "-m", "segany_train.label_studio_backend", *model_args, "--device", "cpu",
+        sys.executable, "-m", "segany_train.label_studio.backend", *model_args, "--device", "cpu",
         "--host", "127.0.0.1", "--port", str(port),
         "--label-studio-url", label_studio_url, "--label-studio-api-key", API_TOKEN,
         "--events", str(work_dir / "events.jsonl"),

@@ -28,11 +28,7 @@ from label_studio_servers import (
 )
 from PIL import Image
 
-from data_engine.annotation_tasks import (
-    AwaitingAnnotation,
-    export_tasks,
-    import_annotations,
-)
+from data_engine.annotation_tasks import AwaitingAnnotation, export_tasks, import_annotations
 from data_engine.corpus import gt_masks_of, read_labelled_images
 from data_engine.label_studio_tasks import (
     LABEL_CONFIG,
@@ -47,8 +43,8 @@ from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.inference.cli_options import build_model
 from segany_train.inference.predictor import SamPredictor
-from segany_train.label_studio_client import LabelStudioClient
-from segany_train.label_studio_regions import brush_region
+from segany_train.label_studio.client import LabelStudioClient
+from segany_train.label_studio.regions import brush_region
 
 pytestmark = pytest.mark.label_studio
 

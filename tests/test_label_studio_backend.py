@@ -12,8 +12,8 @@ from conftest import TINY, randomized
 from starlette.testclient import TestClient
 
 from data_engine.label_studio_tasks import LABEL_CONFIG
-from segany_train.embedding_cache import EmbeddingCache
-from segany_train.label_studio_backend import InteractiveSegmenter, build_app, main
+from segany_train.label_studio.backend import InteractiveSegmenter, build_app, main
+from segany_train.label_studio.embedding_cache import EmbeddingCache
 from segany_train.model import build_sam
 
 

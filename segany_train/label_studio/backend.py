@@ -18,7 +18,7 @@ Image embeddings are cached per task (bounded LRU, `embedding_cache.py`), so a c
 decoder pass. Images are fetched from the URL in the task: a path on Label Studio's server
 (`/data/upload/...`) with its API key, or any http(s) URL.
 
-The labeling config and regions are read and written by `label_studio_regions.py`.
+The labeling config and regions are read and written by `regions.py`.
 """
 
 import argparse
@@ -41,19 +41,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from segany_train.data.image_loading import load_image
-from segany_train.embedding_cache import CachedImage, EmbeddingCache
-from segany_train.inference.cli_options import (
-    add_model_arguments,
-    describe_model,
-    load_model,
-)
-from segany_train.label_studio_client import LabelStudioClient, LabelStudioError
-from segany_train.label_studio_regions import (
-    BadRequest,
-    LabelingSchema,
-    Prompts,
-    brush_region,
-)
+from segany_train.inference.cli_options import add_model_arguments, describe_model, load_model
+from segany_train.label_studio.client import LabelStudioClient, LabelStudioError
+from segany_train.label_studio.embedding_cache import CachedImage, EmbeddingCache
+from segany_train.label_studio.regions import BadRequest, LabelingSchema, Prompts, brush_region
 from segany_train.model.sam import Sam
 
 LOGITS_PER_IMAGE = 64  # prompt sequences whose answer is kept per cached image (256 kB each for SAM)
