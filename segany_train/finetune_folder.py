@@ -211,10 +211,15 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
     start = resolve_start_checkpoint(str(cfg.model.checkpoint))
     with open_dict(cfg):
         cfg.model.checkpoint = str(start)
-    conversion: FolderConversionReport = convert_folder(
-        source, cfg.data.converted, val_fraction=float(cfg.data.val_fraction), seed=int(cfg.data.split_seed),
-        progress=bool(cfg.callbacks.progress_bar),
-    )
+    try:
+        conversion: FolderConversionReport = convert_folder(
+            source, cfg.data.converted, val_fraction=float(cfg.data.val_fraction), seed=int(cfg.data.split_seed),
+            progress=bool(cfg.callbacks.progress_bar),
+        )
+    except (ValueError, FileExistsError) as error:  # a folder with no image, two images of one name, ...
+        raise FinetuneConfigError(f"data.folder {cfg.data.folder}: {error}") from None
+    if not any(r.images_written + r.images_resumed for r in conversion.splits.values()):
+        raise FinetuneConfigError(f"data.folder {cfg.data.folder}: no usable image ({conversion.summary()})")
     val_shards = expand_shard_patterns([str(cfg.data.val_shards)])
     evaluation = {"max_images": cfg.finetune.eval_max_images, "batch_size": int(cfg.finetune.eval_batch_size), "seed": int(cfg.seed)}
     start_model = build_sam_from_checkpoint(load_checkpoint_file(start))

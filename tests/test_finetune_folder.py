@@ -135,3 +135,14 @@ def test_segany_finetune_wrapper_prints_the_report(tmp_path: Path, capsys) -> No
     printed = capsys.readouterr().out
     assert "Mode **decoder**" in printed and "| after (fine-tuned) |" in printed
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_folder_without_usable_images_is_one_error(tmp_path: Path) -> None:
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "labels").mkdir()
+    with pytest.raises(FinetuneConfigError, match="no image"):
+        finetune_folder(_compose(tmp_path / "data", tmp_path / "run"))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / "images" / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / "labels" / "a.png")  # empty
+    with pytest.warns(UserWarning), pytest.raises(FinetuneConfigError, match="no usable image.*empty=1"):
+        finetune_folder(_compose(tmp_path / "data", tmp_path / "run2"))
