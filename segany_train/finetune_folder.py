@@ -222,11 +222,12 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
         raise FinetuneConfigError(f"data.folder {cfg.data.folder}: no usable image ({conversion.summary()})")
     val_shards = expand_shard_patterns([str(cfg.data.val_shards)])
     evaluation = {"max_images": cfg.finetune.eval_max_images, "batch_size": int(cfg.finetune.eval_batch_size), "seed": int(cfg.seed)}
-    start_model = build_sam_from_checkpoint(load_checkpoint_file(start))
-    before = _cached_json(report_dir / "before.json", lambda: evaluate_split(start_model, val_shards, **evaluation))
-    trainable = build_model(cfg.model)
+    before = _cached_json(
+        report_dir / "before.json", lambda: evaluate_split(build_sam_from_checkpoint(load_checkpoint_file(start)), val_shards, **evaluation)
+    )
+    trainable = build_model(cfg.model)  # as train() builds it: what the mode freezes and adds
     trainable_parameters, total_parameters = count_trainable_parameters(trainable), sum(p.numel() for p in trainable.parameters())
-    del trainable
+    del trainable  # no model but train()'s is held while it trains
     began = time.perf_counter()
     train(cfg)
     train_seconds = time.perf_counter() - began
@@ -235,6 +236,7 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
     tuned = build_sam_from_checkpoint(finished)
     after = evaluate_split(tuned, val_shards, **evaluation)
     write_json_atomically(report_dir / "after.json", after)
+    start_model = build_sam_from_checkpoint(load_checkpoint_file(start))
     overlays = write_overlays(start_model.eval(), tuned.eval(), val_shards, report_dir / "overlays", count=int(cfg.finetune.overlays))
     summary = {
         "folder": str(cfg.data.folder),
