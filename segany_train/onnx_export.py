@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segany_train.inference.cli_options import build_model
-from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError
+from segany_train.inference.cli_options import add_model_arguments, load_model
+from segany_train.model import Sam
 from segany_train.onnx_model import SamOnnxModel
 
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
@@ -154,17 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="segany-export-onnx",
         description="Export SAM's prompt encoder and mask decoder (with mask postprocessing) to ONNX.",
     )
-    parser.add_argument("--checkpoint", help="official .pth or segany-train .ckpt (the size is read from it)")
-    parser.add_argument(
-        "--model-type",
-        choices=sorted(SAM_CONFIGS),
-        help="SAM size: random weights without --checkpoint, else checked against the checkpoint",
-    )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="fully unpickle the checkpoint (it can run code); without it only tensors and plain containers load",
-    )
+    add_model_arguments(parser, device=False)
     parser.add_argument("--output", required=True, help="where to write the .onnx model")
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset (>= {MIN_OPSET}; default 17)")
     parser.add_argument(
@@ -180,13 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         help="report the stability score of the low-res masks (offset 1.0) instead of the predicted IoU",
     )
     args = parser.parse_args(argv)
-    if args.checkpoint is None and args.model_type is None:
-        parser.error("give --checkpoint, --model-type (random weights), or both")
     if args.opset < MIN_OPSET:
         parser.error(f"--opset must be >= {MIN_OPSET}, got {args.opset}")
     try:
-        sam = build_model(args.checkpoint, args.model_type, trust=args.trust_checkpoint).eval()
-    except (FileNotFoundError, SamCheckpointError) as error:
+        sam = load_model(args)
+    except (FileNotFoundError, ValueError) as error:  # SamCheckpointError is a ValueError
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     options = {
         "return_single_mask": args.return_single_mask,

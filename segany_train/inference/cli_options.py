@@ -13,7 +13,9 @@ from segany_train.model import SAM_CONFIGS, Sam, SamCheckpointError, build_sam_b
 from segany_train.model.checkpoint import load_checkpoint_file
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """--checkpoint, --model-type, --trust-checkpoint, --seed and (with `device`) --device; without
+    it the model stays on the CPU (an export traces there)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--checkpoint",
@@ -30,7 +32,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fully unpickle the checkpoint (it can run code); without it only tensors and plain containers load",
     )
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if device:
+        group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        parser.set_defaults(device="cpu")
     group.add_argument("--seed", type=int, default=0, help="seed of random weights and of sampled subsets")
 
 
