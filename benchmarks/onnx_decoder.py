@@ -20,8 +20,8 @@ import onnxruntime
 import torch
 
 from segany_train import SamPredictor
+from segany_train.export.onnx_export import export_onnx, quantize_onnx
 from segany_train.model import sam_model_registry
-from segany_train.onnx_export import export_onnx, quantize_onnx
 
 ORIGINAL_SIZE = (1024, 1024)
 

@@ -49,7 +49,7 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("cli", ["segany_train.inference.amg_cli", "segany_train.onnx_export"])
+@pytest.mark.parametrize("cli", ["segany_train.inference.amg_cli", "segany_train.export.onnx_export"])
 def test_clis_refuse_malicious_checkpoint_in_one_line(tmp_path, cli):
     path, marker = malicious_checkpoint(tmp_path)
     photos = tmp_path / "photos"

@@ -9,10 +9,10 @@ import onnxruntime
 import pytest
 import torch
 
-from segany_train.export_cli import main
+from segany_train.export.cli import main
+from segany_train.export.onnx_export import OUTPUT_NAMES, example_inputs, onnx_module
 from segany_train.model import build_sam_by_name
 from segany_train.model.lora import add_lora_to_encoder_attention
-from segany_train.onnx_export import OUTPUT_NAMES, example_inputs, onnx_module
 from segany_train.training.module import SamTrainingModule
 
 SIZE_NAME = "vit_t_256_small_decoder"

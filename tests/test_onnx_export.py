@@ -8,9 +8,9 @@ import torch
 from conftest import TINY, parity_config, randomized
 
 from segany_train import SamPredictor
+from segany_train.export.onnx_export import export_onnx, main, quantize_onnx
 from segany_train.model import build_sam
 from segany_train.model.transforms import ResizeLongestSide
-from segany_train.onnx_export import export_onnx, main, quantize_onnx
 
 TOL = 1e-3
 ORIGINAL_SIZE = (300, 200)  # H, W: a portrait image, so the crop of the padding matters

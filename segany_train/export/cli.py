@@ -18,11 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from segany_train.export.onnx_export import check_with_onnxruntime, export_onnx
 from segany_train.inference.cli_options import build_model
 from segany_train.model import SamCheckpointError
 from segany_train.model.checkpoint import save_official_checkpoint
 from segany_train.model.hf_layout import save_hf_checkpoint
-from segany_train.onnx_export import check_with_onnxruntime, export_onnx
 
 FORMATS = ("official", "hf", "onnx")
 OFFICIAL_NAME = "sam_official.pth"

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segany_train.export.onnx_model import SamOnnxModel
 from segany_train.inference.cli_options import add_model_arguments, load_model
 from segany_train.model import Sam
-from segany_train.onnx_model import SamOnnxModel
 
 INPUT_NAMES = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 OUTPUT_NAMES = ("masks", "iou_predictions", "low_res_masks")
