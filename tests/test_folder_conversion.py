@@ -149,7 +149,7 @@ def test_bad_items_are_counted_and_named(tmp_path: Path) -> None:
     source = FolderSource(layout="label-maps", images=tmp_path / "images", labels=tmp_path / "labels")
     with pytest.warns(UserWarning, match="skipped"):
         report = convert_folder(source, tmp_path / "out", val_fraction=0.0, progress=False)
-    assert report.skipped == {"unreadable_image": 1, "size_mismatch": 1, "empty": 1, "missing_masks": 1, "unreadable_mask": 1}
+    assert report.skipped == {"undecodable_image": 1, "size_mismatch": 1, "empty": 1, "missing_masks": 1, "unreadable_mask": 1}
     assert [line.split(":")[0] for line in report.skipped_items] == ["a", "b", "c", "d", "e"]
     assert report.splits["train"].images_written == 1
     assert sorted(_read_back(tmp_path / "out")) == ["f"]

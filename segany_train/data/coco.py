@@ -20,7 +20,7 @@ import webdataset as wds
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from segany_train.data.image_loading import load_image, shard_jpeg
+from segany_train.data.image_loading import ImageFileError, load_image_file, shard_jpeg
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import (
@@ -80,13 +80,9 @@ def _image_entry(image: dict[str, Any]) -> tuple[int, int, str]:
 def _read_jpeg(path: Path, width: int, height: int) -> bytes:
     """The image as JPEG bytes: a JPEG file's own bytes (no re-encode, no loss), else RGB at quality 95."""
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise _Skip("missing_image", f"cannot read image {path}: {error}") from None
-    try:
-        loaded = load_image(data)
-    except BadSample as error:
-        raise _Skip("undecodable_image", f"cannot decode image {path}: {error}") from None
+        loaded, data = load_image_file(path)
+    except ImageFileError as error:
+        raise _Skip(error.reason, str(error)) from None
     size = (loaded.pixels.shape[1], loaded.pixels.shape[0])
     if size != (width, height):  # the masks would not line up with the pixels
         raise _Skip("image_size_mismatch", f"image {path} is {size[0]}x{size[1]}, COCO says {width}x{height}")

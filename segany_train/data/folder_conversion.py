@@ -41,8 +41,8 @@ from segany_train.data.dataset_layouts import (
     mask_pattern_items,
     read_item_masks,
 )
-from segany_train.data.image_loading import load_image, shard_jpeg
-from segany_train.data.sa1b import BadSample, annotation_from_mask, make_record, sample_key
+from segany_train.data.image_loading import ImageFileError, load_image_file, shard_jpeg
+from segany_train.data.sa1b import annotation_from_mask, make_record, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
 
 SPLITS = ("train", "val")
@@ -143,13 +143,9 @@ def split_items(items: list[DatasetItem], *, val_fraction: float, seed: int) -> 
 def convert_item(image_id: int, item: DatasetItem) -> tuple[str, bytes, dict[str, Any], int]:
     """(key, JPEG, SA-1B record, empty mask files left out) of one item; ItemError if it is unusable."""
     try:
-        data = item.image.read_bytes()
-    except OSError as error:
-        raise ItemError("missing_image", f"cannot read image {item.image}: {error.strerror or error}") from None
-    try:
-        loaded = load_image(data)
-    except BadSample as error:
-        raise ItemError("unreadable_image", f"{item.image}: {error}") from None
+        loaded, data = load_image_file(item.image)
+    except ImageFileError as error:
+        raise ItemError(error.reason, str(error)) from None
     height, width = loaded.pixels.shape[:2]
     masks, empty = read_item_masks(item, height, width)
     annotations = [annotation_from_mask(m, annotation_id=image_id * MASKS_PER_IMAGE_ID + k) for k, m in enumerate(masks)]

@@ -11,6 +11,7 @@ write these pixels into the shards (`shard_jpeg`), and segany-amg reads its file
 
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -55,6 +56,28 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 JPEG_QUALITY = 95
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be used; `reason` is the skip count's key ("missing_image": the
+    file cannot be read, "undecodable_image": its bytes are not an image)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_image_file(path: Path) -> tuple[LoadedImage, bytes]:
+    """The image at `path` (see `load_image`) and the file's bytes (for `shard_jpeg`); ImageFileError
+    naming the file and why otherwise. The converters count their skips by its reason."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageFileError("missing_image", f"cannot read image {path}: {error.strerror or error}") from None
+    try:
+        return load_image(data), data
+    except BadSample as error:
+        raise ImageFileError("undecodable_image", f"cannot decode image {path}: {error}") from None
 
 
 def shard_jpeg(loaded: LoadedImage, data: bytes) -> bytes:
