@@ -11,10 +11,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from segany_train import SamPredictor, amg_cli
+from segany_train import SamPredictor
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli as eval_cli
+from segany_train.inference import amg_cli
 from segany_train.prompting.rollout import RolloutConfig, run_rollout
 from segany_train.training.run import train
 from tests.conftest import tiny_training_overrides
