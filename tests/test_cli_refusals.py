@@ -237,3 +237,14 @@ def test_an_amg_rerun_with_other_settings_over_the_same_out_is_refused_unless_it
     assert "2 done now" in capsys.readouterr().out
     amg_cli.main([str(images), "--out", str(out), *MODEL, "--pred-iou-thresh", "0.5"])  # the same settings resume
     assert "2 done before" in capsys.readouterr().out
+
+
+def test_an_amg_settings_file_without_a_newer_default_setting_still_resumes(tmp_path):
+    import json
+
+    settings = {"checkpoint": None, "model_type": "vit_t_256", "pred_iou_thresh": 0.88, "max_mask_area_fraction": None}
+    older = {k: v for k, v in settings.items() if k != "max_mask_area_fraction"}  # written before the setting existed
+    (tmp_path / amg_cli.SETTINGS_FILE).write_text(json.dumps(older))
+    amg_cli.claim_output_settings(tmp_path, settings, overwrite=False)  # the same run: no refusal
+    with pytest.raises(ValueError, match=r"other settings \(max_mask_area_fraction\)"):
+        amg_cli.claim_output_settings(tmp_path, {**settings, "max_mask_area_fraction": 0.9}, overwrite=False)

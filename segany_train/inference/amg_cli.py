@@ -196,8 +196,9 @@ def claim_output_settings(out: Path, settings: dict[str, Any], overwrite: bool) 
     path = out / SETTINGS_FILE
     if path.exists() and not overwrite:
         found = json.loads(path.read_text())
-        if found != settings:
-            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        # a setting missing from an older file is its default then, None (max_mask_area_fraction: off)
+        changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        if changed:
             raise ValueError(f"{out} holds masks made with other settings ({', '.join(changed)}); pass --overwrite to redo them, or use another --out")
     write_json_atomically(path, settings)
 
