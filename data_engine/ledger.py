@@ -24,6 +24,16 @@ class ConfigChangedError(RuntimeError):
     """The run directory was started with another configuration."""
 
 
+def _without_tool_connection(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without where the annotation tool runs and how to log in (annotator.label_studio):
+    neither changes what a run computes, a new address or key must not stop a resume, and the key
+    is a secret that engine_config.json must not hold."""
+    annotator = config.get("annotator")
+    if not isinstance(annotator, dict) or "label_studio" not in annotator:
+        return config
+    return {**config, "annotator": {k: v for k, v in annotator.items() if k != "label_studio"}}
+
+
 class RunLedger:
     """engine.json in `run_dir`: {"config_digest": str, "steps": {name: result}, "order": [name, ...]}."""
 
@@ -31,6 +41,7 @@ class RunLedger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / MANIFEST
+        config = _without_tool_connection(config)
         computed = {k: v for k, v in config.items() if k not in PRESENTATION_KEYS}
         digest = hashlib.sha256(json.dumps(computed, sort_keys=True, default=str).encode()).hexdigest()[:16]
         if self.path.exists():

@@ -437,3 +437,13 @@ def test_resuming_with_other_presentation_settings_is_not_a_changed_config(tmp_p
     RunLedger(tmp_path, {"a": 1, "progress": False, "threads": 2})  # accepted
     with pytest.raises(ConfigChangedError):
         RunLedger(tmp_path, {"a": 2, "progress": True, "threads": None})
+
+
+def test_the_annotation_tool_connection_is_not_run_config_and_its_key_is_not_written(tmp_path):
+    tool = {"url": "http://localhost:8080", "api_key": "secret-token-1", "backend_url": "http://localhost:9090"}
+    RunLedger(tmp_path, {"a": 1, "annotator": {"kind": "label_studio", "target_iou": 0.85, "label_studio": tool}})
+    assert "secret-token-1" not in (tmp_path / "engine_config.json").read_text()
+    moved = {**tool, "url": "http://annotate:8080", "api_key": "rotated-token"}
+    RunLedger(tmp_path, {"a": 1, "annotator": {"kind": "label_studio", "target_iou": 0.85, "label_studio": moved}})  # accepted
+    with pytest.raises(ConfigChangedError):
+        RunLedger(tmp_path, {"a": 1, "annotator": {"kind": "label_studio", "target_iou": 0.9, "label_studio": tool}})
