@@ -27,20 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segany_train.data.folder_conversion import FolderConversionReport, FolderSource, convert_folder
-from segany_train.data.image_decoding import decode_jpeg_resized, jpeg_size
-from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.sa1b import decode_sample
+from segany_train.data.image_decoding import decode_record_image
+from segany_train.data.pipeline import expand_shard_patterns, read_records
+from segany_train.data.rle import pycocotools_rle
 from segany_train.data.shard_writer import write_json_atomically
 from segany_train.inference.mask_overlay import render_overlay
+from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
-from segany_train.inference.predictor import SamPredictor
 from segany_train.prompting.distance import distance_to_boundary
 
 MODES = ("decoder", "lora", "full")
@@ -151,11 +150,10 @@ def write_overlays(before: Sam, after: Sam, shards: list[str], out_dir: Path, *,
     if count <= 0:
         return written
     out_dir.mkdir(parents=True, exist_ok=True)
-    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-        key, jpeg, record = decode_sample(sample)
-        h, w = jpeg_size(jpeg)
-        image = decode_jpeg_resized(jpeg, h, w)
-        gt = [mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}).astype(bool) for a in record["annotations"]]
+    for key, jpeg, record in read_records(shards):
+        image = decode_record_image(jpeg, record)
+        h = image.shape[0]
+        gt = [mask_utils.decode(pycocotools_rle(a["segmentation"])).astype(bool) for a in record["annotations"]]
         panels = [render_overlay(image, gt)] + [render_overlay(image, _one_click_masks(sam, image, gt)) for sam in (before, after)]
         gap = np.full((h, 4, 3), 255, np.uint8)
         path = out_dir / f"{key}.png"
