@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segany_train.data.rle import parse_rles
+from segany_train.data.rle import parse_rles, pycocotools_rle
 
 IMAGE_FIELD = "jpg"
 RECORD_FIELD = "json"
@@ -41,13 +41,11 @@ def annotation_from_rle(
     point_coords: list[list[float]] | None = None,
 ) -> dict[str, Any]:
     """An SA-1B annotation for a compressed COCO RLE; bbox and area come from the RLE itself."""
-    counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
-    rle = {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
-    h, w = rle["size"]
-    coco_rle = {"size": rle["size"], "counts": counts.encode("ascii")}
+    coco_rle = pycocotools_rle(rle)  # bytes counts, what pycocotools' area and toBbox take
+    h, w = coco_rle["size"]
     return {
         "id": int(annotation_id),
-        "segmentation": rle,
+        "segmentation": {"size": [h, w], "counts": coco_rle["counts"].decode("ascii")},  # SA-1B: text
         "bbox": [float(v) for v in mask_utils.toBbox(coco_rle)],
         "area": int(mask_utils.area(coco_rle)),
         "predicted_iou": None if predicted_iou is None else float(predicted_iou),
