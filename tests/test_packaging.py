@@ -1,10 +1,12 @@
 """A non-editable install works away from the repository: the project is installed with pip into a
-fresh virtual environment (sharing this one's packages, pip and setuptools, so nothing is downloaded)
-and every Hydra entry point composes its config from another directory."""
+fresh virtual environment that sees this interpreter's packages (the ones the README's test command
+installed: pip, setuptools and the dependencies, so nothing is downloaded), and every Hydra entry
+point composes its config from another directory."""
 
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,14 @@ def venv(tmp_path_factory) -> Path:
             shutil.copytree(ROOT / name, root / "src" / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(ROOT / name, root / "src" / name)
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv"], root)
+    # Not --system-site-packages: from inside a venv that would expose the *base* interpreter's
+    # packages (an old setuptools without bdist_wheel, no torch), not what the test command installed.
+    # A .pth naming this interpreter's site directories puts them after the new venv's own, so the
+    # installed copy is the one imported (plain paths: the editable install's hook is not run).
+    _run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], root)
+    venv_site = Path(_run([root / "venv" / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root).strip())
+    here = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (venv_site / "test_interpreter_packages.pth").write_text("".join(f"{path}\n" for path in here))
     pip = [root / "venv" / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
     _run([*pip, root / "src"], root)
     return root / "venv"
