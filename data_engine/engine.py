@@ -12,7 +12,9 @@ or `annotator.kind=label_studio` with the round's model assisting, `label_studio
 round waits, exiting with status 3, until the tool's result is in place.
 """
 
+import itertools
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from data_engine.report import save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
 from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
+from data_engine.threshold_sweep import choose_thresholds, sweep_automatic, sweep_prefill
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import lock_directory
@@ -108,7 +111,7 @@ class Engine:
     def _absolute(self, path: str) -> str:
         return str(self.run_dir / path)
 
-    def _train(self, step: str, shards: list[str], init: str | None, steps: int, holdout: list[str]) -> str:
+    def train_step(self, step: str, shards: list[str], init: str | None, steps: int, holdout: list[str]) -> str:
         """A retrain step; returns the checkpoint path (recorded relative to the run directory).
 
         init: None trains a new model; the seed weights start a new training run from them; any other
@@ -136,7 +139,7 @@ class Engine:
         )
         return self._absolute(result["checkpoint"])
 
-    def _evaluate(self, step: str, checkpoint: str, holdout: list[str]) -> dict[str, Any]:
+    def evaluate_step(self, step: str, checkpoint: str, holdout: list[str]) -> dict[str, Any]:
         cfg = self.cfg
         return self.ledger.run(
             step,
@@ -184,8 +187,8 @@ class Engine:
 
     def run(self, split: CorpusSplit) -> Path:
         cfg = self.cfg
-        seed = self.seed_weights or self._train("seed/train", split.seed, None, cfg.seed_model.train_steps, split.holdout)
-        self.rows.append({"stage": "seed", "round": None, **self._evaluate("seed/eval", seed, split.holdout)})
+        seed = self.seed_weights or self.train_step("seed/train", split.seed, None, cfg.seed_model.train_steps, split.holdout)
+        self.rows.append({"stage": "seed", "round": None, **self.evaluate_step("seed/eval", seed, split.holdout)})
         checkpoint = seed
         annotated: list[dict[str, Any]] = []
         chunk = 0
@@ -194,21 +197,23 @@ class Engine:
                 step = f"{stage}/round{r}"
                 prefill = None
                 if stage == "stage2":  # the detector learns from the current model's embeddings, every round
+                    if r == 1:  # thresholds measured on the model stage 2 starts from
+                        prefill_settings = self._prefill_settings(checkpoint, annotated)
                     detector_path = self._detector(f"{step}/detector", checkpoint, _shard_list(annotated))
-                    prefill = partial(BoxPrefill.from_files, detector_path, settings=cfg.stage2.prefill)
+                    prefill = partial(BoxPrefill.from_files, detector_path, settings=prefill_settings)
                 ann = self._annotate(f"{step}/annotate", checkpoint, split.chunks[chunk], sum(map(len, split.chunks[:chunk])), prefill)
                 chunk += 1
                 annotated.append(ann)
                 steps = cfg[stage].train_steps
                 shards = _shard_list(annotated) + (split.seed if cfg.training.keep_seed_data else [])
-                checkpoint = self._train(f"{step}/train", shards, checkpoint, steps, split.holdout)
-                self.rows.append({"stage": stage, "round": r, **ann["stats"], **self._evaluate(f"{step}/eval", checkpoint, split.holdout)})
+                checkpoint = self.train_step(f"{step}/train", shards, checkpoint, steps, split.holdout)
+                self.rows.append({"stage": stage, "round": r, **ann["stats"], **self.evaluate_step(f"{step}/eval", checkpoint, split.holdout)})
         quality, overlays = self.automatic_stage(checkpoint, split, _shard_list(annotated))
         if cfg.control.enabled:
             # the same number of steps from the same seed on the seed split alone: does the gain come
             # from the engine's masks, or just from training longer?
-            control = self._train("control/train", split.seed, seed, self.cycle_steps, split.holdout)
-            self.rows.append({"stage": "control", "round": None, **self._evaluate("control/eval", control, split.holdout)})
+            control = self.train_step("control/train", split.seed, seed, self.cycle_steps, split.holdout)
+            self.rows.append({"stage": "control", "round": None, **self.evaluate_step("control/eval", control, split.holdout)})
         summary = engine_summary(self.rows, quality)
         self.ledger.record_summary(summary)
         notes = [
@@ -238,11 +243,10 @@ class Engine:
         """Stage 3 over the pool with `checkpoint`, then (optionally) the final retrain."""
         cfg = self.cfg
 
+        settings = self._stage3_settings(checkpoint, manual)
+
         def generate() -> dict[str, Any]:
-            generator = SamAutomaticMaskGenerator.from_settings(
-                self._model(checkpoint),
-                GeneratorSettings.from_mapping(OmegaConf.to_container(cfg.stage3.generator, resolve=True), where="stage3.generator"),
-            )
+            generator = SamAutomaticMaskGenerator.from_settings(self._model(checkpoint), settings)
             out = generate_shards(generator, split.pool, self.ledger.step_dir("stage3/generate"), progress=cfg.progress)
             return {"shards": [self._relative(s) for s in out["shards"]], "quality": summarize_quality(out["images"])}
 
@@ -257,9 +261,58 @@ class Engine:
         if retrain_after and cfg.stage3.train_steps and auto_shards + mix:
             # the paper's final SAM trained on automatic masks only; mixing in the manual masks, each
             # shard listed `oversample_manual` times, is the ablation that helped slightly
-            final = self._train("stage3/train", auto_shards + mix, checkpoint, cfg.stage3.train_steps, split.holdout)
-            self.rows.append({"stage": "final", "round": None, **self._evaluate("stage3/eval", final, split.holdout)})
+            final = self.train_step("stage3/train", auto_shards + mix, checkpoint, cfg.stage3.train_steps, split.holdout)
+            self.rows.append({"stage": "final", "round": None, **self.evaluate_step("stage3/eval", final, split.holdout)})
         return quality, overlays
+
+    def _prefill_settings(self, checkpoint: str, annotated: list[dict[str, Any]]) -> DictConfig:
+        """stage2.prefill with its predicted-IoU and stability thresholds measured on `checkpoint`: a
+        detector trained on all annotated chunks but the last pre-fills the last one, and the pair
+        with the most pre-fills per image at `threshold_sweep.prefill_min_precision` is taken."""
+        cfg, sweep = self.cfg, self.cfg.threshold_sweep
+        if not sweep.enabled or len(annotated) < 2:  # nothing to train a detector on and check it against
+            return cfg.stage2.prefill
+        step = "stage2/thresholds"
+
+        def work() -> dict[str, Any]:
+            detector = train_prefill_detector(
+                self._model(checkpoint),
+                _shard_list(annotated[:-1]),
+                self.ledger.step_dir(step),
+                settings=cfg.stage2.detector,
+                seed=cfg.seed,
+                progress=cfg.progress,
+            )
+            prefill = BoxPrefill.from_files(detector, SamPredictor(self._model(checkpoint)), settings=cfg.stage2.prefill)
+            items = list(itertools.islice(read_labelled_images(annotated[-1]["shards"]), sweep.images))
+            rows = sweep_prefill(
+                prefill, items, target_iou=cfg.annotator.target_iou, pred_iou=sweep.pred_iou, stability=sweep.stability, progress=cfg.progress
+            )
+            chosen = choose_thresholds(rows, quality="precision", minimum=sweep.prefill_min_precision, amount="prefilled_per_image")
+            return {"chosen": chosen, "rows": rows, "images": len(items), "model": self._relative(checkpoint)}
+
+        chosen = self.ledger.run(step, work)["chosen"]
+        return OmegaConf.merge(cfg.stage2.prefill, {k: chosen[k] for k in ("pred_iou_thresh", "stability_score_thresh")})
+
+    def _stage3_settings(self, checkpoint: str, manual: list[str]) -> GeneratorSettings:
+        """stage3.generator with its thresholds measured on `checkpoint` over the last annotated images
+        (the most complete ones): the pair with the highest recall of annotated objects among those
+        whose masks have IoU > 0.75 at least `threshold_sweep.stage3_min_share_iou_75` of the time."""
+        cfg, sweep = self.cfg, self.cfg.threshold_sweep
+        settings = GeneratorSettings.from_mapping(OmegaConf.to_container(cfg.stage3.generator, resolve=True), where="stage3.generator")
+        if not sweep.enabled or not manual:
+            return settings
+
+        def work() -> dict[str, Any]:
+            items = list(itertools.islice(read_labelled_images(manual[::-1]), sweep.images))
+            rows = sweep_automatic(
+                self._model(checkpoint), items, settings=settings, pred_iou=sweep.pred_iou, stability=sweep.stability, progress=cfg.progress
+            )
+            chosen = choose_thresholds(rows, quality="share_iou_above_75", minimum=sweep.stage3_min_share_iou_75, amount="gt_recall_50")
+            return {"chosen": chosen, "rows": rows, "images": len(items), "model": self._relative(checkpoint)}
+
+        chosen = self.ledger.run("stage3/thresholds", work)["chosen"]
+        return replace(settings, pred_iou_thresh=chosen["pred_iou_thresh"], stability_score_thresh=chosen["stability_score_thresh"])
 
     def _overlays(self, shards: list[str]) -> list[Path]:
         examples = []

@@ -35,6 +35,16 @@ def check_engine_config(cfg: DictConfig) -> None:
         value = cfg.stage3.generator[key]
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise EngineConfigError(f"stage3.generator.{key} must be a finite number, got {value}")
+    sweep = cfg.get("threshold_sweep")
+    if sweep is not None and sweep.enabled:
+        _at_least(cfg, "threshold_sweep.images", 1)
+        for key in ("pred_iou", "stability"):
+            values = list(sweep[key] or [])
+            if not values or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values):
+                raise EngineConfigError(f"threshold_sweep.{key} must be a non-empty list of numbers in [0, 1], got {values}")
+        for key in ("prefill_min_precision", "stage3_min_share_iou_75"):
+            if not (isinstance(sweep[key], (int, float)) and 0 <= sweep[key] <= 1):
+                raise EngineConfigError(f"threshold_sweep.{key} must be in [0, 1], got {sweep[key]}")
     for corpus in ("corpus.synthetic", "seed_model.corpus"):
         if _select(cfg, corpus) is not None:
             _at_least(cfg, f"{corpus}.num_images", 1)

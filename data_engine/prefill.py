@@ -40,7 +40,8 @@ class BoxPrefill:
         return cls(load_box_head(head_path), predictor, settings=settings)
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+    def candidates(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every detected box's mask before any threshold: (logits KxHxW, predicted IoU K, stability K)."""
         s, sam = self.settings, self.predictor.model
         self.predictor.set_image(image)
         boxes, _ = detect_boxes(
@@ -51,13 +52,29 @@ class BoxPrefill:
             input_size=[self.predictor.input_size],
         )[0]
         if boxes.shape[0] == 0:
-            return []
+            empty = torch.zeros(0, *image.shape[:2])
+            return empty, torch.zeros(0), torch.zeros(0)
         logits, iou, _ = self.predictor.predict_torch(None, None, boxes=boxes, multimask_output=False, return_logits=True)
         logits, iou = logits[:, 0], iou[:, 0]  # K x H x W, K
-        keep = (iou >= s.pred_iou_thresh) & (stability_score(logits, sam.mask_threshold, s.stability_score_offset) >= s.stability_score_thresh)
-        masks = logits[keep] > sam.mask_threshold
-        masks = masks[masks.flatten(1).any(1)]
-        if masks.shape[0] == 0:
-            return []
-        order = box_nms(masks_to_boxes(masks).float(), iou[keep][masks.flatten(1).any(1)], s.nms_thresh)
-        return [m.cpu().numpy() for m in masks[order]]
+        return logits, iou, stability_score(logits, sam.mask_threshold, s.stability_score_offset)
+
+    def __call__(self, image: np.ndarray) -> list[np.ndarray]:
+        logits, iou, stability = self.candidates(image)
+        masks = logits > self.predictor.model.mask_threshold
+        s = self.settings
+        keep = confident_masks(
+            masks, iou, stability, pred_iou_thresh=s.pred_iou_thresh, stability_score_thresh=s.stability_score_thresh, nms_thresh=s.nms_thresh
+        )
+        return [masks[k].cpu().numpy() for k in keep.tolist()]
+
+
+def confident_masks(
+    masks: torch.Tensor, iou: torch.Tensor, stability: torch.Tensor, *, pred_iou_thresh: float, stability_score_thresh: float, nms_thresh: float
+) -> torch.Tensor:
+    """Indices of the KxHxW bool masks to pre-fill: non-empty, predicted IoU and stability at their
+    thresholds, de-duplicated by box NMS (highest predicted IoU first)."""
+    passed = (iou >= pred_iou_thresh) & (stability >= stability_score_thresh) & masks.flatten(1).any(1)
+    index = passed.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return index
+    return index[box_nms(masks_to_boxes(masks[index]).float(), iou[index], nms_thresh)]

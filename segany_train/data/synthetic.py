@@ -212,16 +212,18 @@ def _render_scene(
     return canvas.astype(np.uint8).transpose(1, 2, 0), labels, objects
 
 
-def _mask_ranges(labels: np.ndarray, objects: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The label-id range of every kept ground-truth mask: each whole, then its parts."""
+def _mask_ranges(labels: np.ndarray, objects: list[tuple[int, int]], part_masks: bool = True) -> list[tuple[int, int]]:
+    """The label-id range of every kept ground-truth mask: each whole, then its parts (part_masks)."""
     area = np.bincount(labels.ravel(), minlength=objects[-1][1] + 1 if objects else 1)
     ranges = []
     for first, last in objects:
         members = area[first : last + 1]
-        only_a_part = last > first and members[0] == 0 and np.count_nonzero(members) == 1  # whole == that part
+        # a whole whose one visible member is a part is that part's mask; listed once, as the part
+        only_a_part = part_masks and last > first and members[0] == 0 and np.count_nonzero(members) == 1
         if members.sum() >= MIN_VISIBLE_AREA and not only_a_part:
             ranges.append((first, last))
-        ranges.extend((p, p) for p in range(first + 1, last + 1) if area[p] >= MIN_VISIBLE_AREA)
+        if part_masks:
+            ranges.extend((p, p) for p in range(first + 1, last + 1) if area[p] >= MIN_VISIBLE_AREA)
     return ranges
 
 
@@ -249,6 +251,9 @@ class SceneSettings:
     min_radius: float = 0.04
     max_radius: float = 0.22
     style: str = "textured"
+    # sub-parts are painted either way; False: only whole objects are GT masks (one click, one object,
+    # as in an instance label map), True: each visible part is a mask of its own too (ambiguity)
+    part_masks: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 16:
@@ -272,7 +277,7 @@ def _render(index: int, seed: int, scene: SceneSettings) -> tuple[np.ndarray, np
     """(size x size x 3 uint8 image, size x size x N uint8 Fortran-order visible masks) of image `index`."""
     rng = np.random.default_rng([seed, index])  # one stream per image: independent of every other image
     image, labels, objects = _render_scene(rng, scene)
-    return image, _mask_stack(labels, _mask_ranges(labels, objects))
+    return image, _mask_stack(labels, _mask_ranges(labels, objects, scene.part_masks))
 
 
 def generate_image(index: int, *, seed: int = 0, **scene: Any) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -406,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-radius", type=float, default=0.04, help="smallest object radius, a fraction of the side")
     parser.add_argument("--max-radius", type=float, default=0.22, help="largest object radius, a fraction of the side")
     parser.add_argument("--style", choices=STYLES, default="textured", help="colour style (see the module docstring)")
+    parser.add_argument("--no-part-masks", action="store_true", help="whole objects only as masks, not their sub-parts too")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     held = read_manifest(args.out).get("total_samples", 0)
@@ -424,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
             min_radius=args.min_radius,
             max_radius=args.max_radius,
             style=args.style,
+            part_masks=not args.no_part_masks,
             progress=not args.no_progress,
         )
     except ValueError as error:
