@@ -220,6 +220,7 @@ class Engine:
             f"run directory: {self.run_dir}",
             f"seed split: {len(split.seed)} shards; pool: {len(split.pool)} shards; held out: {len(split.holdout)} shards",
             f"devices: training {self.train_base.trainer.get('accelerator')}, annotation/stage 3/evaluation {self.device}",
+            *self._threshold_notes(),
         ]
         return write_report(self.run_dir, self.rows, quality, overlays, notes, self.ledger.state.get("wall_seconds"), summary)
 
@@ -264,6 +265,27 @@ class Engine:
             final = self.train_step("stage3/train", auto_shards + mix, checkpoint, cfg.stage3.train_steps, split.holdout)
             self.rows.append({"stage": "final", "round": None, **self.evaluate_step("stage3/eval", final, split.holdout)})
         return quality, overlays
+
+    def _threshold_notes(self) -> list[str]:
+        """What the in-cycle sweeps chose, for the report."""
+        notes = []
+        sweep = self.ledger.result("stage2/thresholds")
+        if sweep:
+            c = sweep["chosen"]
+            notes.append(
+                f"stage 2 pre-fill thresholds measured on {sweep['model']} over {sweep['images']} annotated images: predicted IoU "
+                f">= {c['pred_iou_thresh']}, stability >= {c['stability_score_thresh']} ({c['prefilled_per_image']:.2f} per image at "
+                f"{c['precision']:.0%} precision there)"
+            )
+        sweep = self.ledger.result("stage3/thresholds")
+        if sweep:
+            c = sweep["chosen"]
+            notes.append(
+                f"stage 3 thresholds measured on {sweep['model']} over {sweep['images']} annotated images: predicted IoU "
+                f">= {c['pred_iou_thresh']}, stability >= {c['stability_score_thresh']} ({c['share_iou_above_75']:.0%} of masks "
+                f"above IoU 0.75, {c['gt_recall_50']:.0%} of objects recalled there)"
+            )
+        return notes
 
     def _prefill_settings(self, checkpoint: str, annotated: list[dict[str, Any]]) -> DictConfig:
         """stage2.prefill with its predicted-IoU and stability thresholds measured on `checkpoint`: a

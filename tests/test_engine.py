@@ -237,6 +237,19 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     # stage 2's detector is retrained every round, on the embeddings of the model that round annotates with
     assert steps["stage2/round1/detector"]["model"] == steps["stage1/round2/train"]["checkpoint"]
     assert steps["stage2/round2/detector"]["model"] == steps["stage2/round1/train"]["checkpoint"]
+    # thresholds measured in the cycle, on the model each stage starts from, over annotated images only
+    from data_engine.threshold_sweep import choose_thresholds
+
+    for name, start, quality, amount, minimum in (
+        ("stage2/thresholds", "stage1/round2/train", "precision", "prefilled_per_image", cfg.threshold_sweep.prefill_min_precision),
+        ("stage3/thresholds", "stage2/round2/train", "share_iou_above_75", "gt_recall_50", cfg.threshold_sweep.stage3_min_share_iou_75),
+    ):
+        sweep = steps[name]
+        assert sweep["model"] == steps[start]["checkpoint"] and sweep["images"] > 0
+        assert len(sweep["rows"]) == len(cfg.threshold_sweep.pred_iou) * len(cfg.threshold_sweep.stability)
+        assert sweep["chosen"] == choose_thresholds(sweep["rows"], quality=quality, minimum=minimum, amount=amount)
+    assert "stage 2 pre-fill thresholds measured on" in report.read_text() and "stage 3 thresholds measured on" in report.read_text()
+    assert ledger["order"].index("stage3/thresholds") < ledger["order"].index("stage3/generate")
     text = report.read_text()
     assert "| stage2 | 2 |" in text and "held-out mIoU@5" in text and (tmp_path / "run" / "trends.png").exists()
     assert "| control |" in text and "## Targets" in text
