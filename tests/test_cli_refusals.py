@@ -75,6 +75,21 @@ def test_a_shorter_amg_rerun_leaves_exactly_its_own_shards(tmp_path):
     assert count_samples([str(p) for p in shards.glob("*.tar")]) == 2
 
 
+def test_amg_refuses_a_shards_out_directory_holding_another_corpus(tmp_path):
+    """Its cleanup of a longer run's shards would remove the other corpus' shards and manifest."""
+    photos = image_folder(tmp_path / "photos", 1)
+    write_shards(tmp_path / "corpus", 6, 2)  # sa_000000..2.tar and a manifest
+    before = snapshot(tmp_path / "corpus")
+    argv = [str(photos), "--out", str(tmp_path / "masks"), "--shards-out", str(tmp_path / "corpus"), *MODEL]
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main(argv)
+    message = str(exit_.value.code)
+    assert "segany-amg did not write" in message and "--overwrite" in message and "\n" not in message
+    assert snapshot(tmp_path / "corpus") == before and not (tmp_path / "masks").exists()
+    amg_cli.main([*argv, "--overwrite"])  # replacing it is a choice
+    assert sorted(p.name for p in (tmp_path / "corpus").glob("*.tar")) == ["sa_000000.tar"]
+
+
 def test_a_brace_range_naming_missing_shards_is_an_error_listing_them(tmp_path):
     write_shards(tmp_path, 4, 2)  # sa_000000.tar and sa_000001.tar
     with pytest.raises(FileNotFoundError, match=r"sa_000002\.tar.*sa_000003\.tar"):

@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from segany_train.data.datamodule import count_samples
-from segany_train.data.directory_lock import DirectoryLocked, lock_directory
+from segany_train.data.directory_lock import LOCK_NAME, DirectoryLocked, lock_directory
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTINGS_FILE = ".segany-amg-settings"  # in --out (JSON; no .json suffix, so a glob for the records skips it)
+SETTINGS_FILE = ".segany-amg-settings"  # in --out and --shards-out (JSON; no .json suffix, so a glob for the records skips it)
 
 
 def claim_output_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -203,6 +203,18 @@ def claim_output_settings(out: Path, settings: dict[str, Any], overwrite: bool) 
     write_json_atomically(path, settings)
 
 
+def refuse_foreign_shards_out(shards_out: Path, overwrite: bool) -> None:
+    """ValueError when --shards-out holds files but not segany-amg's settings file: a run replaces
+    the shards it finds there and removes those it did not write (what a longer run left), so another
+    corpus in it would be lost. --overwrite accepts that."""
+    if not shards_out.is_dir() or (shards_out / SETTINGS_FILE).exists() or overwrite:
+        return
+    foreign = sorted(p.name for p in shards_out.iterdir() if p.name != LOCK_NAME)  # the lock holds no data
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"--shards-out {shards_out} holds files segany-amg did not write ({len(foreign)}: {shown}); its shards would be replaced or removed. Use an empty directory, or pass --overwrite to replace them")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         if total == 0:
             raise ValueError(f"{args.input} holds no jpg/png image")
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
+        if args.shards_out:
+            refuse_foreign_shards_out(args.shards_out, args.overwrite)
         generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle")
         # last: a value refused above leaves no directory behind
         if args.shards_out:
@@ -220,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
         settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
         claim_output_settings(args.out, settings, args.overwrite)
+        if args.shards_out:  # marks the directory as this command's (see refuse_foreign_shards_out)
+            write_json_atomically(args.shards_out / SETTINGS_FILE, settings)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")
     counts: Counter = Counter()
