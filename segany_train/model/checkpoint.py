@@ -90,7 +90,8 @@ def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        # torch words it "GLOBAL x was not an allowed global" or "unsupported GLOBAL x whose module y is blocked"
+        found = re.search(r"\bGLOBAL (\S+)", str(error))
         if found:
             raise SamCheckpointError(f"{path} is not a weights-only checkpoint (it pickles {found.group(1)}); {TRUST_HINT}") from None
         raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
