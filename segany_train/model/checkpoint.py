@@ -101,7 +101,10 @@ def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise SamCheckpointError(f"{path} is not a SAM checkpoint (it holds a {type(loaded).__name__}, not a state dict)")
     if is_hf_state_dict(loaded):
-        return hf_checkpoint_as_official(loaded, path.parent / "config.json")
+        try:
+            return hf_checkpoint_as_official(loaded, path.parent / "config.json")
+        except ValueError as error:
+            raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
     return loaded
 
 
