@@ -184,6 +184,10 @@ def load_sam_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any
             f"checkpoint is {describe_size(found)} but the model is {describe_size(expected)}; "
             "build the model with the checkpoint's size"
         )
+    # a diverged run's weights load fine and predict nothing: every mask empty, scores NaN, metrics 0
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise SamCheckpointError(f"checkpoint holds NaN or infinite weights in {len(broken)} of {len(state_dict)} tensors (first: {broken[0]}); it cannot predict")
     state_dict = adapt_to_image_size(state_dict, model)
     try:
         model.load_state_dict(state_dict, strict=True)
