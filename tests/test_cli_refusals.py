@@ -182,6 +182,35 @@ def test_train_refuses_zero_max_steps_before_any_work(tmp_path):
     assert not (tmp_path / "corpus").exists() and not (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr must be a positive number, got nan"),
+        ("trainer.max_steps=ten", "trainer.max_steps must be a positive integer (or -1 for no limit), got 'ten'"),
+        ("data.batch_size=1.5", "data.batch_size must be an integer of at least 1, got 1.5"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps must be an integer >= 0, got -5"),
+        ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1)"),
+    ],
+)
+def test_train_refuses_values_that_cannot_work_before_touching_an_existing_run(tmp_path, override, message):
+    from hydra import compose, initialize_config_dir
+
+    from segany_train.config_paths import CONFIG_DIR
+    from segany_train.training.run import RunConfigError, train
+
+    run = tmp_path / "run"
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "config.yaml").write_text("the earlier run's config\n")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("train", overrides=[*tiny_training_overrides(tmp_path / "corpus"), f"run_dir={run}", "logger=csv", override])
+    with pytest.raises(RunConfigError) as refused:
+        train(cfg)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "config.yaml").read_text() == "the earlier run's config\n" and not (tmp_path / "corpus").exists()
+
+
 def test_eval_and_amg_refuse_an_output_that_is_a_file_before_any_work(tmp_path):
     shard = str(write_shards(tmp_path / "shards", 1, 1)[0])
     blocker = tmp_path / "taken"
