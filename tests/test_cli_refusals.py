@@ -147,7 +147,22 @@ def test_amg_on_a_folder_without_images_exits_non_zero(tmp_path, content):
         (tmp_path / "in" / "notes.txt").write_text("hello")
     with pytest.raises(SystemExit) as exit_:
         amg_cli.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), *MODEL])
-    assert "no jpg/png image" in str(exit_.value.code)
+    assert "no jpg/png/tif image" in str(exit_.value.code)
+
+
+def test_amg_reads_tif_images_and_refuses_a_truncated_shard_in_one_line(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(make_image(0)[0]).save(photos / "scan.tif")
+    amg_cli.main([str(photos), "--out", str(tmp_path / "masks"), *MODEL])
+    assert (tmp_path / "masks" / "scan.json").exists()
+    (shard,) = write_shards(tmp_path / "shards", 2, 2)
+    (tmp_path / "shards" / "manifest.json").unlink()  # as SA-1B is released: the tar index is counted
+    shard.write_bytes(shard.read_bytes()[:700])  # a download cut off inside the first member
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main([str(shard), "--out", str(tmp_path / "out"), *MODEL])
+    message = str(exit_.value.code)
+    assert f"{shard} is not a readable tar shard" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ from segany_train.inference.cli_options import (
 )
 from segany_train.inference.mask_overlay import render_overlay
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 JPEG_QUALITY = 95  # re-encoding non-JPEG inputs for --shards-out
 
 
@@ -75,7 +75,7 @@ def image_id_for(stem: str) -> int:
 
 
 def list_inputs(source: str) -> tuple[Iterator[InputImage], int | None]:
-    """The images `source` names (an image file, a folder of jpg/png files, or an SA-1B shard
+    """The images `source` names (an image file, a folder of jpg/png/tif files, or an SA-1B shard
     pattern) in order, and their count when known. FileNotFoundError/ValueError on a bad source."""
     path = Path(source)
     if path.is_dir():
@@ -88,7 +88,7 @@ def list_inputs(source: str) -> tuple[Iterator[InputImage], int | None]:
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return iter([InputImage(path.stem, image_id_for(path.stem), path.name, path=path)]), 1
     if path.is_file() and path.suffix.lower() != ".tar":
-        raise ValueError(f"{source}: not a jpg/png image, a folder or an SA-1B .tar shard")
+        raise ValueError(f"{source}: not a jpg/png/tif image, a folder or an SA-1B .tar shard")
     urls = expand_shard_patterns(source)
     return _shard_inputs(urls), count_samples(urls)
 
@@ -176,7 +176,7 @@ def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: P
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segany-amg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="an image file, a folder of jpg/png images, or an SA-1B shard pattern")
+    parser.add_argument("input", help="an image file, a folder of jpg/png/tif images, or an SA-1B shard pattern")
     parser.add_argument("--out", type=Path, required=True, help="directory for <stem>.json and <stem>.png")
     parser.add_argument("--shards-out", type=Path, help="also write SA-1B shards (image + record) here")
     parser.add_argument("--images-per-shard", type=int, default=1000)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.images_per_shard < 1:
             raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
         if total == 0:
-            raise ValueError(f"{args.input} holds no jpg/png image")
+            raise ValueError(f"{args.input} holds no jpg/png/tif image")
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
         if args.shards_out:
             refuse_foreign_shards_out(args.shards_out, args.overwrite)
