@@ -170,7 +170,7 @@ def test_segany_amg_on_a_file_and_on_shards(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "source, message",
-    [("missing_dir/*.tar", "matches no file"), ("notes.txt", "not a jpg/png image")],
+    [("missing_dir/*.tar", "matches no file"), ("notes.txt", "not a jpg/png/tif image")],
 )
 def test_segany_amg_one_line_errors(tmp_path, source, message):
     (tmp_path / "notes.txt").write_text("x")

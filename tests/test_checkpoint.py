@@ -84,6 +84,14 @@ def test_not_a_sam_checkpoint(tmp_path):
         build_sam(TINY, checkpoint=tmp_path / "missing.pth")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, value):
+    sd = _tiny_state_dict()
+    sd["mask_decoder.iou_prediction_head.layers.0.weight"].fill_(value)
+    with pytest.raises(SamCheckpointError, match=r"NaN or infinite weights in 1 of \d+ tensors \(first: mask_decoder.iou_prediction_head.layers.0.weight\)"):
+        build_sam(TINY, checkpoint=sd)
+
+
 def test_loading_at_another_image_size_resamples_positions_and_keeps_the_rest():
     sd = _tiny_state_dict()  # made at 128 px: 8x8 grid
     sam = build_sam(replace(TINY, image_size=256), checkpoint=sd).eval()  # 16x16 grid

@@ -49,6 +49,22 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path):
     assert not marker.exists()
 
 
+class _BlockedModuleCall:
+    """Unpickling this calls os.getcwd: torch words the refusal of a blocked module differently."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_the_refusal_names_a_blocked_modules_global_and_the_trust_option(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": torch.zeros(1), "extra": _BlockedModuleCall()}, path)
+    with pytest.raises(SamCheckpointError) as refused:
+        build_sam_from_checkpoint(path)
+    message = str(refused.value)
+    assert f"it pickles {os.name}.getcwd" in message and "--trust-checkpoint" in message and "\n" not in message
+
+
 @pytest.mark.parametrize("cli", ["segany_train.inference.amg_cli", "segany_train.export.onnx_export"])
 def test_clis_refuse_malicious_checkpoint_in_one_line(tmp_path, cli):
     path, marker = malicious_checkpoint(tmp_path)

@@ -75,6 +75,21 @@ def test_a_shorter_amg_rerun_leaves_exactly_its_own_shards(tmp_path):
     assert count_samples([str(p) for p in shards.glob("*.tar")]) == 2
 
 
+def test_amg_refuses_a_shards_out_directory_holding_another_corpus(tmp_path):
+    """Its cleanup of a longer run's shards would remove the other corpus' shards and manifest."""
+    photos = image_folder(tmp_path / "photos", 1)
+    write_shards(tmp_path / "corpus", 6, 2)  # sa_000000..2.tar and a manifest
+    before = snapshot(tmp_path / "corpus")
+    argv = [str(photos), "--out", str(tmp_path / "masks"), "--shards-out", str(tmp_path / "corpus"), *MODEL]
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main(argv)
+    message = str(exit_.value.code)
+    assert "segany-amg did not write" in message and "--overwrite" in message and "\n" not in message
+    assert snapshot(tmp_path / "corpus") == before and not (tmp_path / "masks").exists()
+    amg_cli.main([*argv, "--overwrite"])  # replacing it is a choice
+    assert sorted(p.name for p in (tmp_path / "corpus").glob("*.tar")) == ["sa_000000.tar"]
+
+
 def test_a_brace_range_naming_missing_shards_is_an_error_listing_them(tmp_path):
     write_shards(tmp_path, 4, 2)  # sa_000000.tar and sa_000001.tar
     with pytest.raises(FileNotFoundError, match=r"sa_000002\.tar.*sa_000003\.tar"):
@@ -132,7 +147,22 @@ def test_amg_on_a_folder_without_images_exits_non_zero(tmp_path, content):
         (tmp_path / "in" / "notes.txt").write_text("hello")
     with pytest.raises(SystemExit) as exit_:
         amg_cli.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), *MODEL])
-    assert "no jpg/png image" in str(exit_.value.code)
+    assert "no jpg/png/tif image" in str(exit_.value.code)
+
+
+def test_amg_reads_tif_images_and_refuses_a_truncated_shard_in_one_line(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(make_image(0)[0]).save(photos / "scan.tif")
+    amg_cli.main([str(photos), "--out", str(tmp_path / "masks"), *MODEL])
+    assert (tmp_path / "masks" / "scan.json").exists()
+    (shard,) = write_shards(tmp_path / "shards", 2, 2)
+    (tmp_path / "shards" / "manifest.json").unlink()  # as SA-1B is released: the tar index is counted
+    shard.write_bytes(shard.read_bytes()[:700])  # a download cut off inside the first member
+    with pytest.raises(SystemExit) as exit_:
+        amg_cli.main([str(shard), "--out", str(tmp_path / "out"), *MODEL])
+    message = str(exit_.value.code)
+    assert f"{shard} is not a readable tar shard" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
@@ -165,6 +195,35 @@ def test_train_refuses_zero_max_steps_before_any_work(tmp_path):
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "max_steps" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
     assert not (tmp_path / "corpus").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr must be a positive number, got nan"),
+        ("trainer.max_steps=ten", "trainer.max_steps must be a positive integer (or -1 for no limit), got 'ten'"),
+        ("data.batch_size=1.5", "data.batch_size must be an integer of at least 1, got 1.5"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps must be an integer >= 0, got -5"),
+        ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1)"),
+    ],
+)
+def test_train_refuses_values_that_cannot_work_before_touching_an_existing_run(tmp_path, override, message):
+    from hydra import compose, initialize_config_dir
+
+    from segany_train.config_paths import CONFIG_DIR
+    from segany_train.training.run import RunConfigError, train
+
+    run = tmp_path / "run"
+    (run / "csv" / "version_0").mkdir(parents=True)
+    (run / "config.yaml").write_text("the earlier run's config\n")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("train", overrides=[*tiny_training_overrides(tmp_path / "corpus"), f"run_dir={run}", "logger=csv", override])
+    with pytest.raises(RunConfigError) as refused:
+        train(cfg)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    assert (run / "config.yaml").read_text() == "the earlier run's config\n" and not (tmp_path / "corpus").exists()
 
 
 def test_eval_and_amg_refuse_an_output_that_is_a_file_before_any_work(tmp_path):

@@ -347,6 +347,21 @@ def test_segany_eval_one_line_errors(eval_shards, tmp_path, capsys, argv, messag
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
 
 
+@pytest.mark.parametrize("protocol", ["interactive", "amg"])
+def test_segany_eval_fails_when_every_image_was_skipped(eval_shards, tmp_path, protocol):
+    key, jpeg, record = next(read_records([str(eval_shards / "sa_000000.tar")]))
+    small = BytesIO()
+    Image.new("RGB", (32, 32)).save(small, format="JPEG")
+    with SA1BShardWriter(tmp_path / "bad") as writer:
+        writer.write("sa_101", small.getvalue(), record)  # the record says 64x64
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model-type", "vit_t_256_small_decoder", "--shards", str(tmp_path / "bad" / "*.tar"), "--protocol", protocol,
+                  "--max-clicks", "1", "--points-per-side", "2", "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    message = str(exit_info.value.code)
+    assert message.startswith(f"segany-eval: error: no image was evaluated ({protocol}; skipped: ") and "bad_sample" in message
+    assert (tmp_path / "out" / "eval.json").exists()  # the skip counts are kept
+
+
 def test_segany_eval_amg_end_to_end(eval_shards, tmp_path):
     """segany-eval's automatic-mask figures are COCOeval's on the generator's own masks for the first
     images of the shards, in order (a random model: low thresholds so that it keeps some masks)."""

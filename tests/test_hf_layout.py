@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from segany_train.inference.cli_options import build_model
-from segany_train.model import build_sam_by_name
+from segany_train.model import build_sam, build_sam_by_name
 from segany_train.model.checkpoint import SamCheckpointError
 from segany_train.model.hf_layout import hf_to_official, official_to_hf, save_hf_checkpoint
+from tests.conftest import TINY
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -137,3 +138,22 @@ def test_unreadable_hf_checkpoints_fail_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "sam"}))
     with pytest.raises(SamCheckpointError):
         build_model(tmp_path / "cfg", None)
+
+
+def test_a_malformed_config_or_index_fails_in_one_line(tmp_path: Path) -> None:
+    folder = save_hf_checkpoint(build_sam(TINY), tmp_path / "hf")
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(SamCheckpointError, match=r"not a readable SAM checkpoint \(config.json is not a SamConfig"):
+        build_model(folder, None)
+    (folder / "config.json").write_text(json.dumps({"vision_config": {"hidden_size": [768]}}))
+    with pytest.raises(SamCheckpointError, match="config.json holds a value SamConfig cannot take"):
+        build_model(folder, None)
+    (folder / "config.json").unlink()
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(SamCheckpointError, match="model.safetensors.index.json has no weight_map"):
+        build_model(folder, None)
+    torch.save(official_to_hf(build_sam(TINY).state_dict()), tmp_path / "pytorch_model.bin")  # a .bin beside a bad config
+    (tmp_path / "config.json").write_text('"sam"')
+    with pytest.raises(SamCheckpointError, match="pytorch_model.bin is not a readable SAM checkpoint"):
+        build_model(tmp_path / "pytorch_model.bin", None)

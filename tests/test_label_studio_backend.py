@@ -40,7 +40,7 @@ def test_requests_it_cannot_use_are_refused_in_one_line(tiny_model, tmp_path):
         ("/predict", {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [{"type": "keypointlabels", "value": {}}]}}}, "lacks or mangles a field"),
         ("/predict", {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [{"type": "choices"}]}}}, "no keypoint or rectangle region"),
         ("/predict", {"tasks": [{"id": 1, "data": {"image": "/x.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [_click(10, 10)]}}}, "does not know Label Studio's address"),
-        ("/predict", {"tasks": [{"id": 1, "data": {"image": "ftp://x/y.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [_click(10, 10)]}}}, "not an http"),
+        ("/predict", {"tasks": [{"id": 1, "data": {"image": "ftp://x/y.jpg"}}], "label_config": LABEL_CONFIG, "params": {"context": {"result": [_click(10, 10)]}}}, "not under an --allow-image-url prefix"),
     ]
     for path, body, message in cases:
         answer = client.post(path, json=body)
@@ -55,21 +55,17 @@ def test_requests_it_cannot_use_are_refused_in_one_line(tiny_model, tmp_path):
 
 def test_the_embedding_cache_keeps_the_most_recently_used_images(tiny_model):
     cache = EmbeddingCache(tiny_model, capacity=2)
-    loads = []
 
-    def image(seed: int):
-        def load() -> np.ndarray:
-            loads.append(seed)
-            return np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    def image(seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)
 
-        return load
-
+    assert cache.get("a", None) is None and len(cache) == 0  # a miss without pixels: the caller fetches them
     first = cache.get("a", image(1))
-    assert cache.get("a", image(1)) is first and loads == [1]  # a hit: no load, no encoder
+    assert cache.get("a", None) is first  # a hit: no pixels needed, no encoder
     cache.get("b", image(2))
-    cache.get("a", image(1))  # a is now the most recent
+    cache.get("a", None)  # a is now the most recent
     cache.get("c", image(3))  # drops b
-    assert "a" in cache and "c" in cache and "b" not in cache and len(cache) == 2 and loads == [1, 2, 3]
+    assert "a" in cache and "c" in cache and "b" not in cache and len(cache) == 2
     with pytest.raises(ValueError, match="capacity >= 1"):
         EmbeddingCache(tiny_model, capacity=0)
 
@@ -81,6 +77,11 @@ def test_the_command_refuses_bad_options_in_one_line(capsys):
         main(["--model-type", "vit_b", "--cache-size", "0"])
     with pytest.raises(SystemExit, match="segany-serve: error: .*missing.pth"):
         main(["--checkpoint", "missing.pth"])
+    with pytest.raises(SystemExit, match=r"--allow-image-url 'https://images.example.com': give an http\(s\) URL with a host and a path ending in '/'"):
+        main(["--model-type", "vit_b", "--allow-image-url", "https://images.example.com"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model-type", "vit_b", "--max-body-mb", "nan"])
+    assert exit_.value.code == 2 and "argument --max-body-mb: must be a positive number, got 'nan'" in capsys.readouterr().err
 
 
 def test_a_round_waits_in_one_line_when_label_studio_is_not_there(tmp_path):

@@ -22,9 +22,12 @@ from segany_train.data.synthetic import write_configured_corpus
 def count_tar_samples(path: str | Path) -> int:
     """Samples in a local tar, from its member headers alone: tarfile seeks past each member's data,
     so nothing is read or decoded beyond the index. Members group into samples by key, as webdataset
-    groups them."""
-    with tarfile.open(path, "r:") as tar:
-        return len({base_plus_ext(member.name)[0] for member in tar if member.isfile()} - {None})
+    groups them. ValueError naming the file when it is not a whole tar (a truncated download)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return len({base_plus_ext(member.name)[0] for member in tar if member.isfile()} - {None})
+    except tarfile.TarError as error:
+        raise ValueError(f"{path} is not a readable tar shard ({error}); download it again or leave it out") from None
 
 
 def count_samples(urls: list[str]) -> int | None:

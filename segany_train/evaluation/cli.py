@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "eval.md").write_text(render_markdown(result))
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}")
+    for protocol in ("interactive", "amg"):  # figures over no image are not a result: say so, exit 1
+        part = result.get(protocol)
+        if part is not None and part["images"] == 0 and args.max_images != 0:
+            sys.exit(f"segany-eval: error: no image was evaluated ({protocol}; skipped: {_skips(part['images_skipped'])}); see the warnings above")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from segany_train.data.datamodule import count_samples
-from segany_train.data.directory_lock import DirectoryLocked, lock_directory
+from segany_train.data.directory_lock import LOCK_NAME, DirectoryLocked, lock_directory
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
@@ -48,7 +48,7 @@ from segany_train.inference.cli_options import (
 )
 from segany_train.inference.mask_overlay import render_overlay
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 JPEG_QUALITY = 95  # re-encoding non-JPEG inputs for --shards-out
 
 
@@ -75,7 +75,7 @@ def image_id_for(stem: str) -> int:
 
 
 def list_inputs(source: str) -> tuple[Iterator[InputImage], int | None]:
-    """The images `source` names (an image file, a folder of jpg/png files, or an SA-1B shard
+    """The images `source` names (an image file, a folder of jpg/png/tif files, or an SA-1B shard
     pattern) in order, and their count when known. FileNotFoundError/ValueError on a bad source."""
     path = Path(source)
     if path.is_dir():
@@ -88,7 +88,7 @@ def list_inputs(source: str) -> tuple[Iterator[InputImage], int | None]:
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         return iter([InputImage(path.stem, image_id_for(path.stem), path.name, path=path)]), 1
     if path.is_file() and path.suffix.lower() != ".tar":
-        raise ValueError(f"{source}: not a jpg/png image, a folder or an SA-1B .tar shard")
+        raise ValueError(f"{source}: not a jpg/png/tif image, a folder or an SA-1B .tar shard")
     urls = expand_shard_patterns(source)
     return _shard_inputs(urls), count_samples(urls)
 
@@ -176,7 +176,7 @@ def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: P
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segany-amg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="an image file, a folder of jpg/png images, or an SA-1B shard pattern")
+    parser.add_argument("input", help="an image file, a folder of jpg/png/tif images, or an SA-1B shard pattern")
     parser.add_argument("--out", type=Path, required=True, help="directory for <stem>.json and <stem>.png")
     parser.add_argument("--shards-out", type=Path, help="also write SA-1B shards (image + record) here")
     parser.add_argument("--images-per-shard", type=int, default=1000)
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTINGS_FILE = ".segany-amg-settings"  # in --out (JSON; no .json suffix, so a glob for the records skips it)
+SETTINGS_FILE = ".segany-amg-settings"  # in --out and --shards-out (JSON; no .json suffix, so a glob for the records skips it)
 
 
 def claim_output_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -203,6 +203,18 @@ def claim_output_settings(out: Path, settings: dict[str, Any], overwrite: bool) 
     write_json_atomically(path, settings)
 
 
+def refuse_foreign_shards_out(shards_out: Path, overwrite: bool) -> None:
+    """ValueError when --shards-out holds files but not segany-amg's settings file: a run replaces
+    the shards it finds there and removes those it did not write (what a longer run left), so another
+    corpus in it would be lost. --overwrite accepts that."""
+    if not shards_out.is_dir() or (shards_out / SETTINGS_FILE).exists() or overwrite:
+        return
+    foreign = sorted(p.name for p in shards_out.iterdir() if p.name != LOCK_NAME)  # the lock holds no data
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"--shards-out {shards_out} holds files segany-amg did not write ({len(foreign)}: {shown}); its shards would be replaced or removed. Use an empty directory, or pass --overwrite to replace them")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -210,8 +222,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.images_per_shard < 1:
             raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
         if total == 0:
-            raise ValueError(f"{args.input} holds no jpg/png image")
+            raise ValueError(f"{args.input} holds no jpg/png/tif image")
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
+        if args.shards_out:
+            refuse_foreign_shards_out(args.shards_out, args.overwrite)
         generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle")
         # last: a value refused above leaves no directory behind
         if args.shards_out:
@@ -220,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
         settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
         claim_output_settings(args.out, settings, args.overwrite)
+        if args.shards_out:  # marks the directory as this command's (see refuse_foreign_shards_out)
+            write_json_atomically(args.shards_out / SETTINGS_FILE, settings)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")
     counts: Counter = Counter()

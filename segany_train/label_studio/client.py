@@ -6,18 +6,27 @@ JWT refresh token that is exchanged at `/api/token/refresh` for a short-lived ac
 `Bearer`. Both are handled here; which one a key is is read from its shape (a JWT has three
 dot-separated parts).
 
+The key goes to Label Studio's own origin only: a path or URL naming another host (`//host/x`,
+which `urljoin` makes another origin) or climbing with `..` (`/data/upload/../../admin`) is refused,
+since task data (where segany-serve's image URLs come from) is written by whoever imports tasks.
+
 The engine (`data_engine/label_studio_tasks.py`) and `segany-serve` (which fetches the images of the
-tasks it is asked about) use this one client; `label-studio-sdk` is not needed in this environment.
+tasks it is asked about, `task_images.py`) use this one client; `label-studio-sdk` is not needed in
+this environment.
 """
 
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
 
 class LabelStudioError(RuntimeError):
     """A Label Studio request failed; the message names the request and what the server said."""
+
+
+class ForeignURL(ValueError):
+    """A path or URL that is not on Label Studio's origin, or climbs out of its path with `..`."""
 
 
 class LabelStudioClient:
@@ -37,7 +46,8 @@ class LabelStudioClient:
     def is_personal_access_token(self) -> bool:
         return self.api_key.count(".") == 2
 
-    def _authorization(self, *, refresh: bool = False) -> str:
+    def authorization(self, *, refresh: bool = False) -> str:
+        """The Authorization header's value (a personal access token is exchanged, once or on `refresh`)."""
         if not self.is_personal_access_token:
             return f"Token {self.api_key}"
         if self._access_token is None or refresh:
@@ -48,15 +58,21 @@ class LabelStudioClient:
         return f"Bearer {self._access_token}"
 
     def absolute_url(self, path_or_url: str) -> str:
-        """A path Label Studio gave (/data/upload/...) as a URL on this server; full URLs unchanged."""
-        return urljoin(self.url + "/", path_or_url)
+        """A path Label Studio gave (/data/upload/...) or a URL as a URL on this server; ForeignURL
+        for another origin or a `..`/`.` path segment (also percent-encoded or with backslashes)."""
+        if has_dot_segment(path_or_url):  # checked before urljoin resolves them
+            raise ForeignURL(f"{path_or_url[:100]!r} has a '.' or '..' path segment; refused")
+        url = urljoin(self.url + "/", path_or_url)
+        if not same_origin(url, self.url):
+            raise ForeignURL(f"{path_or_url[:100]!r} is not on Label Studio's origin {self.url}; its API key goes nowhere else")
+        return url
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = self.absolute_url(path)
         try:
-            response = self._http.request(method, url, headers={"Authorization": self._authorization()}, **kwargs)
+            response = self._http.request(method, url, headers={"Authorization": self.authorization()}, **kwargs)
             if response.status_code == 401 and self.is_personal_access_token:  # the access token expired
-                response = self._http.request(method, url, headers={"Authorization": self._authorization(refresh=True)}, **kwargs)
+                response = self._http.request(method, url, headers={"Authorization": self.authorization(refresh=True)}, **kwargs)
         except httpx.HTTPError as error:
             raise LabelStudioError(f"{method} {url}: {type(error).__name__}: {error}") from None
         if response.status_code >= 400:
@@ -68,12 +84,24 @@ class LabelStudioClient:
         response = self._send(method, path, json=json, params=params, files=files)
         return response.json() if response.content else None
 
-    def fetch(self, path_or_url: str) -> bytes:
-        """The bytes behind a URL Label Studio gave for a task's data (e.g. an uploaded image)."""
-        return self._send("GET", path_or_url).content
-
     def close(self) -> None:
         self._http.close()
+
+
+def has_dot_segment(path_or_url: str) -> bool:
+    """Whether the path has a '.' or '..' segment, also percent-encoded or written with backslashes."""
+    segments = unquote(urlsplit(path_or_url).path).replace("\\", "/").split("/")
+    return "." in segments or ".." in segments
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two absolute URLs share scheme, host and port (the default port when none is given)."""
+    a, b = urlsplit(url), urlsplit(other)
+    try:
+        ports = [u.port or {"http": 80, "https": 443}.get(u.scheme.lower()) for u in (a, b)]
+    except ValueError:  # a port that is not a number
+        return False
+    return a.scheme.lower() == b.scheme.lower() and a.hostname == b.hostname and ports[0] == ports[1] and a.hostname is not None
 
 
 def _detail(response: httpx.Response) -> str:

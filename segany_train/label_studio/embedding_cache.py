@@ -7,7 +7,7 @@ next click on the same region can feed the previous mask back as SAM's mask prom
 """
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,15 +40,18 @@ class EmbeddingCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._images
 
-    def get(self, key: Hashable, load_image: Callable[[], np.ndarray]) -> CachedImage:
-        """The cached image for `key`; on a miss `load_image()` gives the HxWx3 uint8 RGB pixels and
-        the encoder runs."""
+    def get(self, key: Hashable, pixels: np.ndarray | None) -> CachedImage | None:
+        """The cached image for `key`, now the most recently used; on a miss the encoder runs on
+        `pixels` (HxWx3 uint8 RGB) when given, else None: the caller fetches the image first, so a
+        slow fetch does not happen under the lock that guards the model and this cache."""
         cached = self._images.get(key)
         if cached is not None:
             self._images.move_to_end(key)
             return cached
+        if pixels is None:
+            return None
         predictor = SamPredictor(self.model)
-        predictor.set_image(load_image())
+        predictor.set_image(pixels)
         cached = self._images[key] = CachedImage(predictor)
         while len(self._images) > self.capacity:
             self._images.popitem(last=False)

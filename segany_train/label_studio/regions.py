@@ -60,27 +60,36 @@ class Prompts:
     height: int
 
     @classmethod
-    def from_context(cls, context: dict[str, Any]) -> "Prompts":
-        regions = context.get("result")
+    def from_context(cls, context: dict[str, Any], *, max_points: int) -> "Prompts":
+        """The context's prompts; BadRequest past `max_points` points (each costs decoder time under
+        the model lock, which every annotator waits on)."""
+        regions = context.get("result") if isinstance(context, dict) else None
         if not isinstance(regions, list) or not regions:
             raise BadRequest("the interactive context has no result regions")
         points, box, label, size = [], None, None, None
         for region in regions:
+            if not isinstance(region, dict):
+                raise BadRequest(f"a region is not a JSON object: {str(region)[:50]}")
             kind, value = region.get("type"), region.get("value") or {}
             if kind not in ("keypointlabels", "rectanglelabels"):
                 continue  # other regions (the annotator's brush strokes, choices) are not prompts
+            positive = region.get("is_positive", True)
+            if kind == "keypointlabels" and not isinstance(positive, bool):  # "false" would be truthy
+                raise BadRequest(f"a keypoint's is_positive must be true or false, got {str(positive)[:50]!r}")
+            if kind == "keypointlabels" and len(points) == max_points:
+                raise BadRequest(f"the click holds more than {max_points} points; segany-serve takes at most {max_points} (--max-points)")
             try:
                 width, height = int(region["original_width"]), int(region["original_height"])
                 if kind == "keypointlabels":
                     x, y = float(value["x"]) / 100 * width - 0.5, float(value["y"]) / 100 * height - 0.5
-                    points.append((x, y, 1 if region.get("is_positive", True) else 0))
+                    points.append((x, y, 1 if positive else 0))
                     label = (value.get("keypointlabels") or [label])[0]
                 elif kind == "rectanglelabels":
                     x0, y0 = float(value["x"]) / 100 * width, float(value["y"]) / 100 * height
                     x1, y1 = x0 + float(value["width"]) / 100 * width, y0 + float(value["height"]) / 100 * height
                     box = (x0 - 0.5, y0 - 0.5, x1 - 0.5, y1 - 0.5)
                     label = (value.get("rectanglelabels") or [label])[0]
-            except (KeyError, TypeError, ValueError) as error:
+            except (AttributeError, KeyError, TypeError, ValueError) as error:
                 raise BadRequest(f"a {kind} region lacks or mangles a field: {type(error).__name__}: {error}") from None
             if size not in (None, (width, height)):
                 raise BadRequest(f"the regions disagree on the image size: {size} and {(width, height)}")

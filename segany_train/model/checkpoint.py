@@ -90,7 +90,8 @@ def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        # torch words it "GLOBAL x was not an allowed global" or "unsupported GLOBAL x whose module y is blocked"
+        found = re.search(r"\bGLOBAL (\S+)", str(error))
         if found:
             raise SamCheckpointError(f"{path} is not a weights-only checkpoint (it pickles {found.group(1)}); {TRUST_HINT}") from None
         raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
@@ -100,7 +101,10 @@ def load_checkpoint_file(path: Path, *, trust: bool = False) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise SamCheckpointError(f"{path} is not a SAM checkpoint (it holds a {type(loaded).__name__}, not a state dict)")
     if is_hf_state_dict(loaded):
-        return hf_checkpoint_as_official(loaded, path.parent / "config.json")
+        try:
+            return hf_checkpoint_as_official(loaded, path.parent / "config.json")
+        except ValueError as error:
+            raise SamCheckpointError(f"{path} is not a readable SAM checkpoint ({_first_line(error)})") from None
     return loaded
 
 
@@ -180,6 +184,10 @@ def load_sam_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any
             f"checkpoint is {describe_size(found)} but the model is {describe_size(expected)}; "
             "build the model with the checkpoint's size"
         )
+    # a diverged run's weights load fine and predict nothing: every mask empty, scores NaN, metrics 0
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise SamCheckpointError(f"checkpoint holds NaN or infinite weights in {len(broken)} of {len(state_dict)} tensors (first: {broken[0]}); it cannot predict")
     state_dict = adapt_to_image_size(state_dict, model)
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -142,8 +142,19 @@ def is_hf_state_dict(state_dict: dict[str, Any]) -> bool:
 
 
 def hf_config_to_sam_config(config: dict[str, Any]) -> SamConfig:
-    """Our SamConfig of a Hugging Face SamConfig (config.json) dict."""
-    vision, prompt, decoder = config.get("vision_config", {}), config.get("prompt_encoder_config", {}), config.get("mask_decoder_config", {})
+    """Our SamConfig of a Hugging Face SamConfig (config.json) dict; ValueError (one line) for a
+    config.json of another shape, so a hand-edited one is named rather than a traceback."""
+    sections = ("vision_config", "prompt_encoder_config", "mask_decoder_config")
+    if not isinstance(config, dict) or not all(isinstance(config.get(name, {}), dict) for name in sections):
+        raise ValueError(f"{HF_CONFIG_NAME} is not a SamConfig (a JSON object whose {', '.join(sections)} are objects)")
+    vision, prompt, decoder = (config.get(name, {}) for name in sections)
+    try:
+        return _sam_config(vision, prompt, decoder)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{HF_CONFIG_NAME} holds a value SamConfig cannot take ({error})") from None
+
+
+def _sam_config(vision: dict[str, Any], prompt: dict[str, Any], decoder: dict[str, Any]) -> SamConfig:
     hidden = int(vision.get("hidden_size", 768))
     mlp_dim = vision.get("mlp_dim")
     return SamConfig(
@@ -236,7 +247,11 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / HF_SAFETENSORS_NAME).is_file():
         return _read_safetensors(path / HF_SAFETENSORS_NAME)
     if (path / HF_SAFETENSORS_INDEX_NAME).is_file():
-        shards = sorted(set(json.loads((path / HF_SAFETENSORS_INDEX_NAME).read_text())["weight_map"].values()))
+        index = json.loads((path / HF_SAFETENSORS_INDEX_NAME).read_text())
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{HF_SAFETENSORS_INDEX_NAME} has no weight_map of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
         return {k: v for shard in shards for k, v in _read_safetensors(path / shard).items()}
     if (path / HF_BIN_NAME).is_file():
         loaded = torch.load(path / HF_BIN_NAME, map_location="cpu", weights_only=True)

@@ -22,6 +22,34 @@ class OptimConfig:
     gradient_clip: float | None = None  # SAM 2: 0.1
     no_decay_names: tuple[str, ...] = field(default=("pos_embed", "rel_pos_h", "rel_pos_w"))
 
+    def __post_init__(self) -> None:
+        """ValueError naming the first value that cannot train (`optim.lr=nan` would otherwise fail
+        inside Lightning, after the run directory is written, or train on silently)."""
+        positive = {"lr": self.lr, "layer_decay": self.layer_decay, "decay_factor": self.decay_factor}
+        if self.gradient_clip is not None:
+            positive["gradient_clip"] = self.gradient_clip
+        for name, value in positive.items():
+            if not _number(value) or not 0 < value < math.inf:
+                raise ValueError(f"optim.{name} must be a positive number, got {value!r}")
+        if not _number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not _integer(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not all(_integer(m) and m >= 0 for m in self.milestones):
+            raise ValueError(f"optim.milestones must be integers >= 0, got {self.milestones!r}")
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"optim.schedule must be step or cosine, got {self.schedule!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _layer_id(name: str, depth: int) -> int:
     """0 for the patch/position embedding, i+1 for encoder block i, depth+1 for everything after."""

@@ -158,13 +158,27 @@ class RunConfigError(ValueError):
 
 
 def check_training_values(cfg: DictConfig) -> None:
-    """RunConfigError naming the first value that cannot work, before anything is built or written."""
+    """RunConfigError naming the first value that cannot work, before anything is built or written
+    (a string or a fraction where a count goes failed 7-24 s later, inside Lightning, with a traceback)."""
     max_steps = cfg.trainer.get("max_steps", -1)
-    if max_steps == 0 or max_steps < -1:  # -1: Lightning's "no step limit"
-        raise RunConfigError(f"trainer.max_steps must be positive (or -1 for no limit), got {max_steps}")
+    if not _is_integer(max_steps) or max_steps == 0 or max_steps < -1:  # -1: Lightning's "no step limit"
+        raise RunConfigError(f"trainer.max_steps must be a positive integer (or -1 for no limit), got {max_steps!r}")
     for key in ("batch_size", "max_masks"):
-        if cfg.data[key] < 1:
-            raise RunConfigError(f"data.{key} must be at least 1, got {cfg.data[key]}")
+        if not _is_integer(cfg.data[key]) or cfg.data[key] < 1:
+            raise RunConfigError(f"data.{key} must be an integer of at least 1, got {cfg.data[key]!r}")
+    for section, cls in (("prompting", RolloutConfig), ("loss", LossWeights)):
+        try:
+            _dataclass_from(cls, cfg[section])
+        except (TypeError, ValueError) as error:
+            raise RunConfigError(f"{section}: {error}") from None
+    try:
+        optim_config(cfg)
+    except (TypeError, ValueError) as error:
+        raise RunConfigError(str(error) if str(error).startswith("optim.") else f"optim: {error}") from None
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_resumable(checkpoint: Path, sam: Sam) -> None:
