@@ -200,7 +200,7 @@ def test_train_refuses_zero_max_steps_before_any_work(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lr=nan", "optim.lr must be a positive number, got nan"),
+        ("optim.lr=nan", "optim.lr must be a number >= 0, got nan"),
         ("trainer.max_steps=ten", "trainer.max_steps must be a positive integer (or -1 for no limit), got 'ten'"),
         ("data.batch_size=1.5", "data.batch_size must be an integer of at least 1, got 1.5"),
         ("optim.warmup_steps=-5", "optim.warmup_steps must be an integer >= 0, got -5"),

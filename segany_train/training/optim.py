@@ -25,12 +25,15 @@ class OptimConfig:
     def __post_init__(self) -> None:
         """ValueError naming the first value that cannot train (`optim.lr=nan` would otherwise fail
         inside Lightning, after the run directory is written, or train on silently)."""
-        positive = {"lr": self.lr, "layer_decay": self.layer_decay, "decay_factor": self.decay_factor}
+        positive = {"layer_decay": self.layer_decay, "decay_factor": self.decay_factor}
         if self.gradient_clip is not None:
             positive["gradient_clip"] = self.gradient_clip
         for name, value in positive.items():
             if not _number(value) or not 0 < value < math.inf:
                 raise ValueError(f"optim.{name} must be a positive number, got {value!r}")
+        # lr 0 is allowed: a run that must leave the weights as loaded (tests, a dry run of the pipeline)
+        if not _number(self.lr) or not 0 <= self.lr < math.inf:
+            raise ValueError(f"optim.lr must be a number >= 0, got {self.lr!r}")
         if not _number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"optim.weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
