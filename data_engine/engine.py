@@ -268,23 +268,19 @@ class Engine:
 
     def _threshold_notes(self) -> list[str]:
         """What the in-cycle sweeps chose, for the report."""
+        outcome = {
+            "stage 2 pre-fill": ("stage2/thresholds", lambda c: f"{c['prefilled_per_image']:.2f} per image at {c['precision']:.0%} precision"),
+            "stage 3": ("stage3/thresholds", lambda c: f"{c['share_iou_above_75']:.0%} of masks above IoU 0.75, {c['gt_recall_50']:.0%} of objects recalled"),
+        }
         notes = []
-        sweep = self.ledger.result("stage2/thresholds")
-        if sweep:
-            c = sweep["chosen"]
-            notes.append(
-                f"stage 2 pre-fill thresholds measured on {sweep['model']} over {sweep['images']} annotated images: predicted IoU "
-                f">= {c['pred_iou_thresh']}, stability >= {c['stability_score_thresh']} ({c['prefilled_per_image']:.2f} per image at "
-                f"{c['precision']:.0%} precision there)"
-            )
-        sweep = self.ledger.result("stage3/thresholds")
-        if sweep:
-            c = sweep["chosen"]
-            notes.append(
-                f"stage 3 thresholds measured on {sweep['model']} over {sweep['images']} annotated images: predicted IoU "
-                f">= {c['pred_iou_thresh']}, stability >= {c['stability_score_thresh']} ({c['share_iou_above_75']:.0%} of masks "
-                f"above IoU 0.75, {c['gt_recall_50']:.0%} of objects recalled there)"
-            )
+        for name, (step, figures) in outcome.items():
+            sweep = self.ledger.result(step)
+            if sweep:
+                c = sweep["chosen"]
+                notes.append(
+                    f"{name} thresholds measured on {sweep['model']} over {sweep['images']} annotated images: predicted IoU "
+                    f">= {c['pred_iou_thresh']}, stability >= {c['stability_score_thresh']} ({figures(c)} there)"
+                )
         return notes
 
     def _prefill_settings(self, checkpoint: str, annotated: list[dict[str, Any]]) -> DictConfig:
