@@ -157,7 +157,7 @@ class Engine:
     def _model(self, checkpoint: str) -> Sam:
         return build_sam_from_checkpoint(checkpoint).to(self.device).eval()
 
-    def _annotate(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
+    def annotate_step(self, step: str, checkpoint: str, chunk: list[str], first_index: int, prefill=None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
             step_dir = self.ledger.step_dir(step)
             if self.cfg.annotator.kind in ("coco_tasks", "label_studio"):  # a real tool: export, wait for its result, import
@@ -201,7 +201,7 @@ class Engine:
                         prefill_settings = self._prefill_settings(checkpoint, annotated)
                     detector_path = self._detector(f"{step}/detector", checkpoint, _shard_list(annotated))
                     prefill = partial(BoxPrefill.from_files, detector_path, settings=prefill_settings)
-                ann = self._annotate(f"{step}/annotate", checkpoint, split.chunks[chunk], sum(map(len, split.chunks[:chunk])), prefill)
+                ann = self.annotate_step(f"{step}/annotate", checkpoint, split.chunks[chunk], sum(map(len, split.chunks[:chunk])), prefill)
                 chunk += 1
                 annotated.append(ann)
                 steps = cfg[stage].train_steps

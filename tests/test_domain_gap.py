@@ -27,8 +27,33 @@ def test_the_domain_gap_trains_on_the_pools_gt_and_on_the_seed_split_for_the_cyc
     m = {name: result["models"][name]["miou_1"] for name in ("seed", "pool_gt", "control")}
     assert result["verdict"] == domain_verdict(m["seed"], m["pool_gt"], m["control"])
     assert json.loads((tmp_path / "run" / RESULT_FILE).read_text()) == json.loads(json.dumps(result))
-    assert "new domain for the seed:" in format_result(result)
-    assert measure_domain_gap(cfg.copy()) == result  # a finished measurement is read back, not redone
+    # the ceilings: both models annotate the same two pool chunks and sweep stage 3 on their images
+    ceilings = result["ceilings"]
+    assert ceilings["annotated_shards"] == 2
+    for name in ("seed", "pool_gt"):
+        assert ceilings[name]["annotation"]["images"] == 4  # two shards of two images
+        assert ceilings[name]["annotation"]["gt_objects_per_image"] == ceilings["seed"]["annotation"]["gt_objects_per_image"]
+        rows = steps[f"{name}/stage3_sweep"]["rows"]
+        assert steps[f"{name}/stage3_sweep"]["images"] == 4 and len(rows) == 7 * 5
+        stage3 = ceilings[name]["stage3"]
+        assert stage3["share_iou_above_90"] == max(r["share_iou_above_90"] for r in rows)
+        recalled = [r["share_iou_above_75"] for r in rows if r["gt_recall_50"] >= 0.6]
+        assert stage3["share_iou_above_75_at_recall"] == (max(recalled) if recalled else None)
+    assert ceilings["seed"]["annotation"] != ceilings["pool_gt"]["annotation"]  # two models, two annotations
+    same = ceilings["same_objects"]  # per image, the first masks both models made (largest objects first)
+    images = {
+        name: [i for k in range(2) for i in json.loads((tmp_path / "run" / name / "annotate" / f"annotated-{k:06d}.stats.json").read_text())["images"]]
+        for name in ("seed", "pool_gt")
+    }
+    common = [min(len(a["mask_seconds"]), len(b["mask_seconds"])) for a, b in zip(images["seed"], images["pool_gt"])]
+    assert same["masks"] == sum(common)
+    for name in ("seed", "pool_gt"):
+        seconds = sum(sum(i["mask_seconds"][:n]) for i, n in zip(images[name], common))
+        assert same[name]["seconds_per_mask"] == pytest.approx(seconds / max(sum(common), 1))
+    text = format_result(result)
+    assert "new domain for the seed:" in text and "pool_gt / seed seconds per mask:" in text
+    # a finished measurement is read back, not redone (compared as JSON: a round without pre-fills has a NaN precision)
+    assert json.dumps(measure_domain_gap(cfg.copy()), sort_keys=True) == json.dumps(result, sort_keys=True)
 
     verdict = domain_verdict(0.40, 0.58, 0.41)
     assert verdict["headroom"] == pytest.approx(0.18) and verdict["new_domain"]
