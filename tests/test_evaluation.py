@@ -170,7 +170,7 @@ def test_coco_ap_of_perfect_predictions_is_one():
     preds = [{"segmentation": m, "predicted_iou": s} for m, s in zip(gt, (0.9, 0.8, 0.7))]
     stats = coco_mask_ap([_record(gt)], [preds])
     assert list(stats) == list(STAT_NAMES)
-    for name in ("AP", "AP50", "AP75", "AR@10", "AR@100"):
+    for name in ("AP", "AP50", "AP75", "AR@100", "AR@1000"):
         assert stats[name] == pytest.approx(1.0)
     assert stats["AR@1"] == pytest.approx(1 / 3)  # one mask allowed, three to find
     assert stats["AP_large"] == -1.0  # no GT mask over 96^2 pixels
@@ -188,12 +188,23 @@ def test_coco_ap_half_right_known_value():
     stats = coco_mask_ap([_record([a, b])], [preds])
     assert stats["AP"] == pytest.approx(25.5 / 101)
     assert stats["AP50"] == pytest.approx(25.5 / 101) and stats["AP75"] == pytest.approx(25.5 / 101)
-    assert stats["AR@1"] == 0.0 and stats["AR@10"] == pytest.approx(0.5)
+    assert stats["AR@1"] == 0.0 and stats["AR@100"] == pytest.approx(0.5)
     # the same wrong mask ranked below A: precision 1 up to recall 1/2 -> AP = 51 / 101
     preds[0]["predicted_iou"] = 0.5
     assert coco_mask_ap([_record([a, b])], [preds])["AP"] == pytest.approx(51 / 101)
     # no prediction at all: AP 0, not an error
     assert coco_mask_ap([_record([a, b])], [[]])["AP"] == 0.0
+
+
+def test_coco_ap_counts_every_mask_of_an_image_with_more_than_100():
+    """150 GT masks, each predicted exactly: AP 1.0. COCO's own maxDets (1, 10, 100) counts only the
+    100 best-scored predictions of an image, and then scores the same perfect predictions 0.663."""
+    shape = (60, 100)
+    gt = [_box(shape, 4 * (i // 10), 10 * (i % 10), 4 * (i // 10) + 4, 10 * (i % 10) + 10) for i in range(150)]
+    preds = [{"segmentation": m, "predicted_iou": 1.0 - i / 1000} for i, m in enumerate(gt)]
+    stats = coco_mask_ap([_record(gt)], [preds])
+    assert stats["AP"] == pytest.approx(1.0) and stats["AR@1000"] == pytest.approx(1.0)
+    assert coco_mask_ap([_record(gt)], [preds], max_dets=(1, 10, 100))["AP"] < 0.7
 
 
 def brute_force_ap(gts: list[list[np.ndarray]], preds: list[list[tuple[np.ndarray, float]]], threshold: float) -> float:
@@ -369,7 +380,7 @@ def test_segany_eval_amg_end_to_end(eval_shards, tmp_path):
     settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     cli.main(
         ["--model-type", "vit_t_256_small_decoder", "--seed", "5", "--shards", str(eval_shards / "sa_*.tar"),
-         "--protocol", "amg", "--max-images", "2", "--out", str(out), "--no-progress"]
+         "--protocol", "amg", "--max-images", "2", "--out", str(out), "--no-progress", "--max-dets", "1", "10", "50"]
         + [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     )  # fmt: skip
     amg = json.loads((out / "eval.json").read_text())["amg"]
@@ -384,9 +395,10 @@ def test_segany_eval_amg_end_to_end(eval_shards, tmp_path):
     assert amg["images"] == 2 and amg["images_skipped"] == {}
     assert amg["gt_masks"] == sum(len(r["annotations"]) for r in records)
     assert amg["predicted_masks"] == sum(map(len, predictions))
-    assert amg["stats"] == pytest.approx(coco_mask_ap(records, predictions))
+    assert amg["max_dets"] == [1, 10, 50]
+    assert amg["stats"] == pytest.approx(coco_mask_ap(records, predictions, max_dets=(1, 10, 50)))
     assert amg["generator"]["points_per_side"] == 4 and amg["generator"]["box_nms_thresh"] == 0.7
-    assert "| AP | AP50 |" in (out / "eval.md").read_text()
+    assert "| AP | AP50 |" in (out / "eval.md").read_text() and "| AR@50 |" in (out / "eval.md").read_text()
 
 
 def test_segany_eval_rejects_bad_generator_settings(eval_shards, tmp_path):
