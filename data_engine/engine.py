@@ -13,6 +13,7 @@ round waits, exiting with status 3, until the tool's result is in place.
 """
 
 import itertools
+import os
 import sys
 from dataclasses import replace
 from functools import partial
@@ -106,7 +107,9 @@ class Engine:
         self.rows: list[dict[str, Any]] = []
 
     def _relative(self, path: str) -> str:
-        return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+        # abspath, not resolve: a retrain returns checkpoints/last.ckpt, a link (save_last: link) whose
+        # target's name (epoch=0-step=20.ckpt) cannot go into a Hydra override
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(self.run_dir)))
 
     def _absolute(self, path: str) -> str:
         return str(self.run_dir / path)
