@@ -5,6 +5,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, replace
 
 import lightning as L
+import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
@@ -17,6 +18,8 @@ from segany_train.training.optim import OptimConfig, build_optimizer
 # the evaluation protocol: first click at the GT's most interior point, then 8 center clicks
 EVAL_ROLLOUT = RolloutConfig(num_iterations=9, num_correction_clicks=8, box_probability=0.0, click_mode="center")
 EVAL_CLICKS = (1, 3, 5, 9)
+# the independent random streams of a step (see SamTrainingModule._generator)
+PROMPTS, DROP_PATH = range(2)
 
 
 def valid_regions_from_input_size(input_size: torch.Tensor, image_index: torch.Tensor, img_size: int, mask_size: int) -> torch.Tensor:
@@ -66,10 +69,13 @@ class SamTrainingModule(L.LightningModule):
                 part.eval()
         return self
 
-    def _generator(self) -> torch.Generator:
-        # per rank and step, so ranks draw different prompts and a resumed run draws the same ones
+    def _generator(self, stream: int = PROMPTS) -> torch.Generator:
+        """A generator on the module's device keyed on (seed, step, rank, stream): ranks draw apart, a
+        resumed run continues the draws instead of replaying step 0's, and each stream (the prompts,
+        the drop path) is independent of the others."""
+        key = np.random.SeedSequence([self.seed, self.global_step, self.global_rank, stream]).generate_state(1, np.uint64)[0]
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        g.manual_seed(int(key))
         return g
 
     def _mask_count(self, n: int) -> float:
@@ -112,7 +118,9 @@ class SamTrainingModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         keep_visual = bool(self.overlay_every_n_steps) and self.global_step % self.overlay_every_n_steps == 0
         optimizer.zero_grad()
-        embeddings = self.sam.image_encoder(self.sam.normalize_padded(batch["image"], batch["input_size"]))
+        embeddings = self.sam.image_encoder(
+            self.sam.normalize_padded(batch["image"], batch["input_size"]), generator=self._generator(DROP_PATH)
+        )
         leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
         gt, image_index = batch["masks"], batch["image_index"]
         norm = self._mask_count(gt.shape[0])
