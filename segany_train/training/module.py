@@ -1,7 +1,7 @@
 """The LightningModule: SAM trained with simulated interactive prompting (SAM paper, appendix A)."""
 
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 
 import lightning as L
@@ -85,12 +85,11 @@ class SamTrainingModule(L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="mean")
         return max(count.item(), 1.0)
 
-    def _backward_unsynced(self, loss: torch.Tensor) -> None:
-        """Backward without DDP's per-backward reduction: a step runs several backward passes (one per
-        decoder iteration, then the encoder's), and gradients are all-reduced once at the end."""
+    def _unsynced(self) -> AbstractContextManager:
+        """DDP's per-backward reduction off: a step runs several backward passes (one per decoder
+        iteration, then the encoder's), and gradients are all-reduced once at the end."""
         wrapper = self.trainer.strategy.model
-        with wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext():
-            self.manual_backward(loss)
+        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext()
 
     def _all_reduce_gradients(self) -> None:
         """Averages every trainable parameter's gradient over ranks, in one flat buffer."""
@@ -131,7 +130,8 @@ class SamTrainingModule(L.LightningModule):
         def on_iteration(out: IterationOutput) -> None:
             loss = sam_loss(out.logits, out.iou_pred, gt, self.loss_cfg)
             if loss.total.requires_grad:
-                self._backward_unsynced(loss.total / norm)
+                with self._unsynced():
+                    self.manual_backward(loss.total / norm)  # scaled by fp16's loss scale, if any
             parts.append((out.step, _detached(loss), out.iou_pred.detach()))
             if not first_iteration:
                 first_iteration.append(out)
@@ -141,11 +141,12 @@ class SamTrainingModule(L.LightningModule):
         valid = self._valid(batch)
         run_rollout(self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid)
         if leaf.grad is not None:
-            self._backward_unsynced((embeddings * leaf.grad).sum())
+            # leaf.grad carries fp16's loss scale already: through autograd as it is (manual_backward
+            # would multiply the encoder's gradients by the scale a second time)
+            with self._unsynced():
+                embeddings.backward(leaf.grad)
         self._all_reduce_gradients()
-        if self.optim_cfg.gradient_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.gradient_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+        optimizer.step()  # clips in on_before_optimizer_step
         scheduler.step()
         if keep_visual:
             self._keep_visual(batch, first_iteration, parts[-1][2].argmax(dim=1), last_logits)
@@ -197,6 +198,13 @@ class SamTrainingModule(L.LightningModule):
         for k in EVAL_CLICKS:
             if k in ious:
                 self.log(f"val/miou_{k}_clicks", ious[k].mean(), batch_size=ious[k].shape[0], sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradient clipping. Lightning calls this inside `optimizer.step()` once fp16's loss scale is
+        out of the gradients (before `step()` they still carry it, and the clipped norm would be the
+        scaled one); with bf16 or fp32 there is no scale and this is the same point."""
+        if self.optim_cfg.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.gradient_clip, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.sam, self.optim_cfg, self.sam.config.encoder_depth)
