@@ -93,7 +93,7 @@ def test_protocol_clicks_match_brute_force():
                 prev = np.zeros_like(g)
             else:
                 before = outputs[step - 1]
-                shown = before.logits[i, before.iou_pred[i].argmax()] > sam.mask_threshold
+                shown = before.shown[i] > sam.mask_threshold
                 predicted_in_padding |= bool((shown & ~valid[0]).any())
                 prev = (shown & valid[0]).numpy()
             if step > 0 and (prev == g).all():

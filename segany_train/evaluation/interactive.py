@@ -169,7 +169,7 @@ def _first_images(batch: dict, count: int) -> dict:
     """The batch cut to its first `count` images (and their masks)."""
     keep = batch["image_index"] < count
     cut = {k: batch[k][:count] for k in ("image", "input_size", "original_size", "num_annotations")}
-    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"])
+    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"], masks_per_image=batch["masks_per_image"][:count])
     cut.update({k: batch[k][keep] for k in ("masks", "image_index")})
     if "segmentations" in batch:
         cut["segmentations"] = [rle for rle, k in zip(batch["segmentations"], keep.tolist()) if k]

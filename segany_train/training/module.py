@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from segany_train.model import Sam
 from segany_train.prompting.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
-from segany_train.training.losses import IterationLoss, LossWeights, sam_loss
+from segany_train.training.losses import IterationLoss, LossWeights, grouped_sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer
 
 # the evaluation protocol: first click at the GT's most interior point, then 8 center clicks
@@ -31,7 +31,14 @@ def valid_regions_from_input_size(input_size: torch.Tensor, image_index: torch.T
 
 
 def _detached(loss: IterationLoss) -> IterationLoss:
-    return replace(loss, total=loss.total.detach(), focal=loss.focal.detach(), dice=loss.dice.detach(), iou=loss.iou.detach())
+    return replace(
+        loss,
+        total=loss.total.detach(),
+        focal=loss.focal.detach(),
+        dice=loss.dice.detach(),
+        iou=loss.iou.detach(),
+        predicted_iou=loss.predicted_iou.detach(),
+    )
 
 
 class SamTrainingModule(L.LightningModule):
@@ -78,12 +85,13 @@ class SamTrainingModule(L.LightningModule):
         g.manual_seed(int(key))
         return g
 
-    def _mask_count(self, n: int) -> float:
-        """Masks per rank averaged over ranks: with DDP's gradient averaging, loss/this = sum over all masks."""
-        count = torch.tensor(float(n), device=self.device)
-        if self.trainer.world_size > 1:
-            count = self.trainer.strategy.reduce(count, reduce_op="mean")
-        return max(count.item(), 1.0)
+    def _mask_count(self, n: int) -> float | torch.Tensor:
+        """Masks per rank averaged over ranks: with DDP's gradient averaging, loss/this = sum over all
+        masks. Over several ranks a tensor, never read back to the host (a sync on CUDA)."""
+        if self.trainer.world_size == 1:
+            return float(max(n, 1))
+        count = torch.full((), float(n), device=self.device)
+        return self.trainer.strategy.reduce(count, reduce_op="mean").clamp(min=1.0)
 
     def _unsynced(self) -> AbstractContextManager:
         """DDP's per-backward reduction off: a step runs several backward passes (one per decoder
@@ -123,23 +131,29 @@ class SamTrainingModule(L.LightningModule):
         leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
         gt, image_index = batch["masks"], batch["image_index"]
         norm = self._mask_count(gt.shape[0])
-        parts: list = []
-        first_iteration: list[IterationOutput] = []
-        last_logits: list[torch.Tensor] = []
+        parts: list[tuple[int, IterationLoss]] = []
+        first_prompts: list[tuple[torch.Tensor, torch.Tensor]] = []  # the prompts alone, not the logits
+        last_shown: list[torch.Tensor] = []
 
         def on_iteration(out: IterationOutput) -> None:
-            loss = sam_loss(out.logits, out.iou_pred, gt, self.loss_cfg)
+            loss = grouped_sam_loss(out.groups, gt, self.loss_cfg)
             if loss.total.requires_grad:
                 with self._unsynced():
                     self.manual_backward(loss.total / norm)  # scaled by fp16's loss scale, if any
-            parts.append((out.step, _detached(loss), out.iou_pred.detach()))
-            if not first_iteration:
-                first_iteration.append(out)
-            last_logits[:] = [out.logits.detach()]
+            parts.append((out.step, _detached(loss)))
+            if not first_prompts:
+                first_prompts.append((out.point_coords, out.point_labels))
+            last_shown[:] = [out.shown]
 
         # no click in the padding of a non-square image: a user never sees it
         valid = self._valid(batch)
-        run_rollout(self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid)
+        # image_index's run lengths on the host (collate_sam_samples gives them): the decoder groups
+        # prompts by image without reading image_index back from the device
+        counts = batch.get("masks_per_image")
+        host_index = None if counts is None else np.repeat(np.arange(len(counts)), counts)
+        run_rollout(
+            self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid, host_image_index=host_index
+        )
         if leaf.grad is not None:
             # leaf.grad carries fp16's loss scale already: through autograd as it is (manual_backward
             # would multiply the encoder's gradients by the scale a second time)
@@ -149,18 +163,18 @@ class SamTrainingModule(L.LightningModule):
         optimizer.step()  # clips in on_before_optimizer_step
         scheduler.step()
         if keep_visual:
-            self._keep_visual(batch, first_iteration, parts[-1][2].argmax(dim=1), last_logits)
-        total = sum(p.total for _, p, _ in parts) / norm
+            self._keep_visual(batch, first_prompts[0], last_shown[0])
+        total = sum(p.total for _, p in parts) / norm
         log = {
             "train/loss": total,
-            "train/focal": sum(p.focal for _, p, _ in parts) / norm,
-            "train/dice": sum(p.dice for _, p, _ in parts) / norm,
-            "train/iou_head": sum(p.iou for _, p, _ in parts) / norm,
+            "train/focal": sum(p.focal for _, p in parts) / norm,
+            "train/dice": sum(p.dice for _, p in parts) / norm,
+            "train/iou_head": sum(p.iou for _, p in parts) / norm,
             "train/lr": optimizer.param_groups[-1]["lr"],
         }
-        for step, p, iou_pred in parts:
+        for step, p in parts:
             log[f"train/miou_iter{step}"] = p.true_iou.mean()
-            log[f"train/iou_pred_error_iter{step}"] = (iou_pred.gather(1, p.best[:, None])[:, 0] - p.true_iou).abs().mean()
+            log[f"train/iou_pred_error_iter{step}"] = (p.predicted_iou - p.true_iou).abs().mean()
         for reason, n in self.skipped.items():
             log[f"data/skipped_{reason}"] = float(n)
         self.log_dict(log, prog_bar=False, batch_size=batch["image"].shape[0])
@@ -172,16 +186,16 @@ class SamTrainingModule(L.LightningModule):
         mask_size = batch["masks"].shape[-1]
         return valid_regions_from_input_size(batch["input_size"], batch["image_index"], self.sam.image_encoder.img_size, mask_size)
 
-    def _keep_visual(self, batch: dict, first: list[IterationOutput], best: torch.Tensor, last: list[torch.Tensor]) -> None:
+    def _keep_visual(self, batch: dict, first_prompts: tuple[torch.Tensor, torch.Tensor], shown: torch.Tensor) -> None:
         """The first image's GT, final prediction and first prompts, for MaskOverlayCallback."""
         rows = (batch["image_index"] == 0).nonzero().squeeze(1)
-        final = last[0][rows, best[rows]] > self.sam.mask_threshold
+        final = shown[rows] > self.sam.mask_threshold
         self.last_visual = {
             "image": batch["image"][0],
             "gt": batch["masks"][rows],
             "pred": final,
-            "point_coords": first[0].point_coords[rows],
-            "point_labels": first[0].point_labels[rows],
+            "point_coords": first_prompts[0][rows],
+            "point_labels": first_prompts[1][rows],
         }
 
     @torch.no_grad()
