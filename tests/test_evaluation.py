@@ -12,11 +12,12 @@ from PIL import Image
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.sa1b import annotation_from_mask, make_record
+from segany_train.data.sam_sample import valid_region
 from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli
 from segany_train.evaluation.coco_ap import STAT_NAMES, coco_mask_ap
-from segany_train.evaluation.interactive import InteractiveEvalConfig, summarize_interactive, valid_regions
+from segany_train.evaluation.interactive import InteractiveEvalConfig, summarize_interactive
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam, build_sam_by_name
 from segany_train.prompting.rollout import run_rollout
@@ -72,8 +73,7 @@ def test_protocol_clicks_match_brute_force():
     torch.manual_seed(0)
     sam = randomized(build_sam(TINY), seed=1).eval()
     size = sam.prompt_encoder.mask_input_size[0]  # 32
-    original = torch.tensor([[96, 128]])  # landscape: rows 24..31 of the low-res frame are padding
-    valid = valid_regions(original, size)
+    valid = valid_region(torch.tensor([[24, 32]]), size)  # landscape: rows 24..31 of the low-res frame are padding
     rows = int(valid[0].any(1).sum())
     assert rows == 24 and bool(valid[0, :rows].all()) and not bool(valid[0, rows:].any())
     gt = _hand_made_masks(size, rows)

@@ -154,6 +154,7 @@ def test_training_and_validation_never_click_into_the_padding(tiny_sam, tmp_path
     batch = {
         "image": images,
         "input_size": torch.tensor([[128, 40], [128, 40]]),
+        "valid_size": torch.tensor([[32, 10], [32, 10]]),
         "original_size": torch.tensor([[384, 120], [384, 120]]),
         "masks": gt,
         "image_index": torch.tensor([0, 0, 1, 1]),
@@ -187,6 +188,7 @@ def _one_batch(n_masks: int = 2) -> dict:
     return {
         "image": torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8),
         "input_size": torch.tensor([[128, 128]]),
+        "valid_size": torch.tensor([[32, 32]]),
         "original_size": torch.tensor([[128, 128]]),
         "masks": gt,
         "image_index": torch.zeros(n_masks, dtype=torch.long),

@@ -232,6 +232,7 @@ def collate_sam_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image_index": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         "masks_per_image": counts,  # image_index's run lengths on the host (a list, not moved to the device)
         "input_size": torch.tensor([s["input_size"] for s in samples]),
+        "valid_size": torch.tensor([s["valid_size"] for s in samples]),
         "original_size": torch.tensor([s["original_size"] for s in samples]),
         "num_annotations": torch.tensor([s["num_annotations"] for s in samples]),
         "skipped": dict(skipped),

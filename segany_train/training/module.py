@@ -10,6 +10,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from segany_train.data.sam_sample import valid_region
 from segany_train.model import Sam
 from segany_train.prompting.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
 from segany_train.training.losses import IterationLoss, LossWeights, grouped_sam_loss
@@ -20,14 +21,6 @@ EVAL_ROLLOUT = RolloutConfig(num_iterations=9, num_correction_clicks=8, box_prob
 EVAL_CLICKS = (1, 3, 5, 9)
 # the independent random streams of a step (see SamTrainingModule._generator)
 PROMPTS, DROP_PATH = range(2)
-
-
-def valid_regions_from_input_size(input_size: torch.Tensor, image_index: torch.Tensor, img_size: int, mask_size: int) -> torch.Tensor:
-    """Bx2 (h, w) image sizes inside the SxS padded input, N image indices -> NxMxM bool: where each
-    mask's image lies in the low-res frame (rounded as the GT masks are resized; the rest is padding)."""
-    rows_cols = (input_size.to(torch.float64) * mask_size / img_size + 0.5).floor().long()[image_index]  # N x 2
-    coords = torch.arange(mask_size, device=input_size.device)
-    return (coords[None, :, None] < rows_cols[:, 0, None, None]) & (coords[None, None, :] < rows_cols[:, 1, None, None])
 
 
 def _detached(loss: IterationLoss) -> IterationLoss:
@@ -183,8 +176,7 @@ class SamTrainingModule(L.LightningModule):
 
     def _valid(self, batch: dict) -> torch.Tensor:
         """NxMxM bool: the image part of each mask's low-res frame (segany-eval clears the rest too)."""
-        mask_size = batch["masks"].shape[-1]
-        return valid_regions_from_input_size(batch["input_size"], batch["image_index"], self.sam.image_encoder.img_size, mask_size)
+        return valid_region(batch["valid_size"], batch["masks"].shape[-1])[batch["image_index"]]
 
     def _keep_visual(self, batch: dict, first_prompts: tuple[torch.Tensor, torch.Tensor], shown: torch.Tensor) -> None:
         """The first image's GT, final prediction and first prompts, for MaskOverlayCallback."""
