@@ -329,7 +329,7 @@ def test_the_engine_waits_for_each_label_studio_round_and_imports_it(servers, tm
 
 
 def test_a_labeling_page_with_its_prefilled_masks_in_headless_chromium(servers, pool, tmp_path):
-    """The labeling page of a stage 2 task, as an annotator sees it, saved as a PNG (the README links
+    """The labeling page of a stage 2 task, as an annotator sees it, saved as a PNG (docs/annotating.md links
     the copy in benchmarks/; $SEGANY_SCREENSHOT_DIR chooses where the test writes it)."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install -y chromium)")
