@@ -39,3 +39,15 @@ def test_resuming_keeps_the_metric_history_and_another_model_size_writes_nothing
     assert other.returncode != 0
     assert "Traceback" not in other.stderr and "vit_t_256" in other.stderr.strip().splitlines()[-1], other.stderr[-3000:]
     assert (tmp_path / "run" / "config.yaml").read_bytes() == config
+
+
+def test_a_garbage_last_checkpoint_is_refused_in_one_line_naming_it(tmp_path):
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 not a checkpoint, cut short by a crash" * 10)
+    refused = run_training(tmp_path, "trainer.max_steps=2")
+    assert refused.returncode != 0
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    message = refused.stderr.strip().splitlines()[-1]
+    assert str(last) in message and "move it out of the run directory (or delete it)" in message, message
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
