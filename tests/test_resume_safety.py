@@ -144,10 +144,10 @@ def test_a_full_disk_leaves_no_truncated_checkpoint_and_says_so_in_one_line(tmp_
     finally:
         monkeypatch.undo()
         shutil.rmtree(system_temp)
-    message = str(failed.value.code)
-    assert message.startswith("segany-train: error: disk full writing ") and "\n" not in message, message
-    assert str(checkpoints / "epoch=0-step=2.ckpt") in message and "free space and rerun" in message, message
     assert (checkpoints / "last.ckpt").read_bytes() == last  # the earlier checkpoint is intact
     for path in checkpoints.iterdir():  # whatever carries a checkpoint's name is a whole checkpoint
         assert path.suffix == ".ckpt", path
         torch.load(path, map_location="cpu", weights_only=True)
+    message = str(failed.value.code)
+    assert message.startswith("segany-train: error: disk full writing ") and "\n" not in message, message
+    assert str(checkpoints / "epoch=0-step=2.ckpt") in message and "free space and rerun" in message, message
