@@ -188,6 +188,7 @@ def test_resume_after_a_lost_shard_and_cached_rerun(tmp_path: Path) -> None:
     resumed = convert_folder(source, out, val_fraction=0.2, images_per_shard=2, progress=False)
     assert resumed.splits["train"].images_resumed == first.splits["train"].images_written - shards[last]["samples"]
     assert resumed.splits["train"].images_written == shards[last]["samples"]
+    assert resumed.summary() == first.summary()  # every image's masks counted, not only the last part's
     after = _read_back(out)
     assert sorted(after) == sorted(before)
     cached = convert_folder(source, out, val_fraction=0.2, images_per_shard=2, progress=False)

@@ -104,7 +104,7 @@ class FolderConversionReport:
 
     def summary(self) -> str:
         """One line: images and masks per split, every skip reason with its count."""
-        parts = [f"{name}: {r.images_written + r.images_resumed} images, {r.masks_written} masks" for name, r in self.splits.items()]
+        parts = [f"{name}: {r.images_written + r.images_resumed} images, {r.masks_written + r.masks_resumed} masks" for name, r in self.splits.items()]
         text = "; ".join(parts) + (" (cached)" if self.cached else "")
         if self.skipped:
             text += "; skipped: " + ", ".join(f"{reason}={n}" for reason, n in sorted(self.skipped.items()))
@@ -203,6 +203,7 @@ def convert_folder(
                     report.skipped_items.append(f"{item.name}: empty_mask_files: {empty} empty mask file(s) left out")
                 if split_report.images_resumed < to_skip:  # deterministic: these are in the complete shards
                     split_report.images_resumed += 1
+                    split_report.masks_resumed += len(record["annotations"])
                     continue
                 writer.write(key, jpeg, record)
                 split_report.images_written += 1
