@@ -40,7 +40,7 @@ from data_engine.targets import engine_summary
 from data_engine.threshold_sweep import choose_thresholds, sweep_automatic, sweep_prefill
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.config_paths import CONFIG_DIR
-from segany_train.data.directory_lock import lock_directory
+from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
@@ -389,6 +389,8 @@ def main(cfg: DictConfig) -> None:
     except AwaitingAnnotation as waiting:  # annotator.kind=coco_tasks or label_studio: a round's tasks are out
         print(f"waiting for annotations: {waiting}", file=sys.stderr)
         sys.exit(EXIT_AWAITING_ANNOTATION)
+    except DirectoryLocked as locked:  # another segany-engine runs in this run directory
+        sys.exit(f"segany-engine: error: {locked}")
     print(report.read_text())
     print(f"\nreport: {report}")
 
