@@ -58,12 +58,14 @@ def sweep_automatic(
     pred_iou: Sequence[float] = PRED_IOU,
     stability: Sequence[float] = STABILITY,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """One row per (pred_iou_thresh, stability_score_thresh): the pair and `summarize_quality`'s
-    figures of the automatic masks against each image's annotated masks."""
+    figures of the automatic masks against each image's annotated masks (the model run at
+    `precision`, as the generator it chooses for)."""
     pairs = _pairs(pred_iou, stability)
     loosest = replace(settings, pred_iou_thresh=min(pred_iou), stability_score_thresh=min(stability))
-    generator = SamAutomaticMaskGenerator.from_settings(sam, loosest, output_mode="coco_rle")
+    generator = SamAutomaticMaskGenerator.from_settings(sam, loosest, output_mode="coco_rle", precision=precision)
     per_pair: dict[tuple[float, float], list[dict[str, Any]]] = {pair: [] for pair in pairs}
     for item in tqdm(items, desc="stage 3 threshold sweep", disable=not progress):
         records = generator.generate(item.image)

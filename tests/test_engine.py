@@ -288,6 +288,12 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     automatic = sorted((tmp_path / "alone" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
     assert [k for s in automatic for k in _keys(str(s))] == _keys(str(corpus / "sa_000004.tar"))
     assert "Stage 3 automatic masks" in alone.read_text()
+    # the same in bf16: the generator ran under bfloat16 autocast on the same images
+    engine.run_engine(_engine_config(tmp_path / "alone_bf16", corpus, [*extra, "precision=bf16"]))
+    automatic_bf16 = sorted((tmp_path / "alone_bf16" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
+    assert [k for s in automatic_bf16 for k in _keys(str(s))] == _keys(str(corpus / "sa_000004.tar"))
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        engine.run_engine(_engine_config(tmp_path / "fp16", corpus, [*extra, "precision=fp16"]))
 
     # a generator that keeps no mask leaves no shard, and the report says so instead of failing
     strict = engine.run_engine(_engine_config(tmp_path / "strict", corpus, [*extra, "stage3.generator.pred_iou_thresh=1.0"]))

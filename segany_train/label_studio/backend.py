@@ -80,6 +80,7 @@ class InteractiveSegmenter:
         events_path: Path | None = None,
         checkpoint: str | None = None,
         prefill: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+        precision: str = "fp32",
     ) -> None:
         if label_studio_url is not None and not label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"the Label Studio URL must start with http:// or https://, got {label_studio_url!r}")
@@ -87,7 +88,7 @@ class InteractiveSegmenter:
             raise ValueError(f"--max-points must be at least 1, got {max_points}")
         self.model = model
         self.model_version = model_version
-        self.cache = EmbeddingCache(model, capacity=cache_size)
+        self.cache = EmbeddingCache(model, capacity=cache_size, precision=precision)
         self.label_studio_url = label_studio_url
         self.label_studio_api_key = label_studio_api_key
         self.images = images or TaskImageSource()
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             max_points=args.max_points,
             events_path=args.events,
             prefill=prefill,
+            precision=args.precision,
         )
         app = build_app(segmenter, auth_token=auth_token, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     except (FileNotFoundError, ValueError) as error:
