@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from data_engine.seed_model import BUILTIN, resolve_seed_checkpoint
 from segany_train.data.synthetic import generate_image
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.cli_options import build_model
 from segany_train.inference.predictor import SamPredictor
+from segany_train.model.seed_model import BUILTIN, resolve_seed_checkpoint
 
 STYLES = {  # the engine's seed split and pool (conf/engine/cycle.yaml), images past the corpus's own
     "textured": dict(size=256, min_objects=2, max_objects=4, min_radius=0.1, max_radius=0.35, style="textured"),

@@ -30,23 +30,23 @@ from data_engine.annotator import SimulatedAnnotator, TimeModel
 from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
 from data_engine.engine_config_check import check_engine_config
-from data_engine.holdout import evaluate_holdout
 from data_engine.ledger import RunLedger
-from data_engine.prefill import BoxPrefill, train_prefill_detector
 from data_engine.report import save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
-from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
 from data_engine.threshold_sweep import choose_thresholds, sweep_automatic, sweep_prefill
 from segany_train.amg.generator_settings import GeneratorSettings
+from segany_train.box_detection.prefill import BoxPrefill, train_prefill_detector
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
+from segany_train.evaluation.holdout import evaluate_holdout
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.predictor import SamPredictor
 from segany_train.inference.precision import check_precision
 from segany_train.model import Sam, build_sam_from_checkpoint
+from segany_train.model.seed_model import resolve_seed_checkpoint
 
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result

@@ -16,7 +16,7 @@ those whose quality reaches a minimum. Each image is processed once, at the loos
 pairs filter its candidates and repeat the box NMS. That equals running the generator at each pair
 except where a mask was suppressed at the loosest pair by one that a stricter pair drops.
 
-    python -m data_engine.threshold_sweep --checkpoint data_engine/seed/engine_seed.pt \\
+    python -m data_engine.threshold_sweep --checkpoint segany_train/model/seed/engine_seed.pt \\
         --shards 'data/engine_pool/sa_{000011..000017}.tar' --images 30
 """
 
@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from data_engine.automatic_step import image_quality, summarize_quality
 from data_engine.corpus import LabelledImage, read_labelled_images
-from data_engine.prefill import BoxPrefill, confident_masks
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.amg.mask_ops import box_nms
+from segany_train.box_detection.prefill import BoxPrefill, confident_masks
 from segany_train.data.mask_iou import encode_masks, rle_iou_matrix
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator

@@ -1,4 +1,4 @@
-"""The documentation cannot rot: README.md and docs/*.md are checked against the repository and the
+"""The documentation cannot rot: README.md, docs/*.md and slurm/README.md are checked against the
 real commands.
 
 - every relative link and image resolves, and an #anchor names a heading of its page (GitHub's slugs);
@@ -28,7 +28,7 @@ from hydra._internal.utils import get_args_parser
 from segany_train.config_paths import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "slurm" / "README.md"]
 FENCE = re.compile(r"^\s*```(\w*)\s*$")
 COMPILE_ONLY = re.compile(r"^<!--\s*compile-only:\s*\S.*-->$")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -122,7 +122,7 @@ def test_every_relative_link_and_image_resolves(page):
 
 def test_the_docs_index_lists_every_page():
     listed = {target.partition("#")[0] for _, target in links(ROOT / "docs" / "README.md")}
-    missing = [p.name for p in PAGES[1:] if p.name != "README.md" and p.name not in listed]
+    missing = [p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md" and p.name not in listed]
     assert not missing, f"docs/README.md does not link {missing}"
 
 
@@ -185,7 +185,7 @@ def shown_commands() -> list[Shown]:
                     shown += split_commands(f"{rel(page)}:{block.line + 1 + offset}", line)
         for number, line in prose:
             for code in re.findall(r"`([^`]+)`", line):
-                if re.match(r"(segany-[a-z0-9-]+|python -m \w|python benchmarks/)", code):
+                if re.match(r"(segany-[a-z0-9-]+(\s|$)|python -m \w|python benchmarks/)", code):
                     shown += split_commands(f"{rel(page)}:{number}", code)
     return shown
 

@@ -48,7 +48,7 @@ from segany_train.label_studio.regions import brush_region
 
 pytestmark = pytest.mark.label_studio
 
-SEED_MODEL = Path(__file__).resolve().parents[1] / "data_engine" / "seed" / "engine_seed.pt"
+SEED_MODEL = Path(__file__).resolve().parents[1] / "segany_train" / "model" / "seed" / "engine_seed.pt"
 
 
 class Servers:
@@ -359,7 +359,7 @@ def test_whole_task_predictions_are_stage2s_prefill_from_the_rounds_detector(ser
     Manager's "Retrieve predictions", no interactive context) with the pre-fill the engine computes."""
     from omegaconf import OmegaConf
 
-    from data_engine.prefill import BoxPrefill, train_prefill_detector
+    from segany_train.box_detection.prefill import BoxPrefill, train_prefill_detector
     from segany_train.config_paths import CONFIG_DIR
 
     sam = build_model(SEED_MODEL, None).eval()

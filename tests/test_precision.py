@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_engine.seed_model import BUILTIN, resolve_seed_checkpoint
 from segany_train.data.synthetic import generate_image, write_synthetic_corpus
 from segany_train.evaluation import cli as eval_cli
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.cli_options import build_model
 from segany_train.inference.precision import check_precision, inference_autocast
 from segany_train.inference.predictor import SamPredictor
+from segany_train.model.seed_model import BUILTIN, resolve_seed_checkpoint
 
 SCENE = dict(size=256, min_objects=5, max_objects=10, min_radius=0.06, max_radius=0.2, style="fluorescent", part_masks=False)
 

@@ -11,7 +11,7 @@ version), `POST /predict` and `POST /webhook`. This server speaks it over Starle
   masks and the most confident one is shown; each next click on the same region gets one mask, with
   the previous answer's low-res logits fed back as the mask prompt (as the engine's annotator does);
 - whole-task `/predict` (no context): stage 2's pre-filled masks, when started with
-  `--prefill-detector` (the round's box detector, `data_engine/prefill.py`); otherwise no regions;
+  `--prefill-detector` (the round's box detector, `segany_train/box_detection/prefill.py`); otherwise no regions;
 - `/webhook`: annotation events are recorded (JSON lines in `--events`, the latest in memory).
 
 Image embeddings are cached per task (bounded LRU, `embedding_cache.py`), so a click costs one
@@ -350,7 +350,7 @@ def _prefill(detector: Path, model: Sam):
     """Stage 2's pre-fill with the engine's shipped settings (conf/engine/cycle.yaml, stage2.prefill)."""
     from omegaconf import OmegaConf
 
-    from data_engine.prefill import BoxPrefill
+    from segany_train.box_detection.prefill import BoxPrefill
     from segany_train.config_paths import CONFIG_DIR
     from segany_train.inference.predictor import SamPredictor
 
