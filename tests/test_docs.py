@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 
@@ -310,4 +311,5 @@ def test_every_python_block_compiles_and_the_short_ones_run(block, tmp_path, mon
     if block.compile_only:
         return
     monkeypatch.chdir(tmp_path)
-    exec(code, {"__name__": "__docs__"})
+    with torch.random.fork_rng():  # a snippet's torch.manual_seed must not reseed the tests after it
+        exec(code, {"__name__": "__docs__"})

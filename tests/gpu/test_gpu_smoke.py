@@ -98,7 +98,7 @@ def test_predictor_on_cuda_matches_cpu(tiny_sam):
 def test_bf16_inference_on_cuda(tmp_path):
     """precision="bf16" on CUDA: the predictor's outputs are float32 and close to fp32's on the shipped
     seed; the generator and segany-eval --precision bf16 run there."""
-    from data_engine.seed_model import BUILTIN, resolve_seed_checkpoint
+    from segany_train.model.seed_model import BUILTIN, resolve_seed_checkpoint
     from segany_train.data.synthetic import generate_image
     from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
     from segany_train.inference.cli_options import build_model
