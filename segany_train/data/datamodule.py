@@ -168,13 +168,13 @@ class SA1BDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        # validation sees every sample once; no augmentation
+        # validation sees every sample once and every mask of it (up to max_masks); no augmentation
         plain = SamSampleConfig(
             image_size=self.sample.image_size,
             mask_size=self.sample.mask_size,
             max_masks=self.sample.max_masks,
             max_area_fraction=self.sample.max_area_fraction,
-            min_mask_pixels=self.sample.min_mask_pixels,
+            min_mask_pixels=1,  # every mask with a pixel in the frame, whatever training leaves out
         )
         rank, world = self._placement()
         dataset = sam_sample_pipeline(

@@ -235,6 +235,7 @@ def collate_sam_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "valid_size": torch.tensor([s["valid_size"] for s in samples]),
         "original_size": torch.tensor([s["original_size"] for s in samples]),
         "num_annotations": torch.tensor([s["num_annotations"] for s in samples]),
+        "masks_vanished": torch.tensor([s["masks_vanished"] for s in samples]),
         "skipped": dict(skipped),
     }
     if samples and "segmentations" in samples[0]:

@@ -129,7 +129,8 @@ def build_sam_sample(
     """A sample, or BadSample naming what makes the record unusable.
 
     Returns key, image (3xSxS uint8), masks (KxMxM bool), boxes (Kx4 float, XYXY input pixels),
-    annotation_ids (K), input_size (h, w of the image inside the padding), valid_size (h, w of the image
+    annotation_ids (K), masks_vanished (chosen masks left out because they have fewer than
+    min_mask_pixels pixels in the mask frame), input_size (h, w of the image inside the padding), valid_size (h, w of the image
     in the mask frame: the masks' rows and columns that are not padding), original_size (H, W),
     num_annotations (the record's annotation count, so a caller can count the masks left out), and
     with `cfg.keep_segmentations` segmentations (K RLE dicts of the kept masks, in order).
@@ -157,6 +158,7 @@ def build_sam_sample(
         "masks": torch.from_numpy(masks),
         "boxes": torch.from_numpy(_boxes(masks, cfg.image_size // cfg.mask_size)),
         "annotation_ids": torch.tensor([a["id"] for a, v in zip(anns, visible) if v], dtype=torch.long),
+        "masks_vanished": int((~visible).sum()),
         "input_size": input_size,
         "valid_size": win.visible,
         "original_size": (height, width),

@@ -99,10 +99,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## Interactive (center clicks, up to {inter['max_clicks']})",
             "",
-            "| clicks | mIoU | oracle mIoU |",
-            "|---:|---:|---:|",
+            "| clicks | mIoU | oracle mIoU | mIoU, every mask (vanished ones 0) |",
+            "|---:|---:|---:|---:|",
         ]
-        lines += [f"| {k} | {_fmt(inter['miou'][k])} | {_fmt(inter['oracle_miou'][k])} |" for k in inter["miou"]]
+        lines += [
+            f"| {k} | {_fmt(inter['miou'][k])} | {_fmt(inter['oracle_miou'][k])} | {_fmt(inter['miou_every_mask'][k])} |"
+            for k in inter["miou"]
+        ]
         thresholds = list(inter["noc"])
         lines += [
             "",
@@ -112,7 +115,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             + " | ".join(str(inter["nof"][t]) for t in thresholds) + " |",
             "",
             f"Images evaluated: {inter['images']} (skipped: {_skips(inter['images_skipped'])}). "
-            f"Masks evaluated: {inter['masks']} of {inter['masks_in_images']} (left out: {inter['masks_skipped']}). "
+            f"Masks evaluated: {inter['masks']} of {inter['masks_in_images']} (left out: {inter['masks_skipped']}, of which "
+            f"{inter['masks_vanished']} without a pixel in the low-res frame: the last column counts them 0). "
             f"{_iou_statement(inter)} The shown mask is the "
             "output of highest predicted IoU, the oracle the best of the outputs (the model returns 3 for "
             "one click and 1 for more, so both agree after the first click). NoC counts the cap for masks "

@@ -110,6 +110,12 @@ class FullResolutionIoU:
         return out
 
 
+def _mean_counting_vanished(shown: torch.Tensor, vanished: int, miou: dict[str, float | None]) -> dict[str, float | None]:
+    """mIoU after k clicks over the evaluated masks and the vanished ones, each of those counted 0."""
+    total = shown.shape[0] + vanished
+    return {k: float(shown[:, int(k) - 1].double().sum()) / total if total else None for k in miou}
+
+
 def _no_click_reached(reached: torch.Tensor, max_clicks: int) -> torch.Tensor:
     """NxK bool "IoU >= threshold after k clicks" -> N clicks needed (K where never reached)."""
     first = reached.to(torch.uint8).argmax(dim=1) + 1  # argmax: the first True
@@ -157,7 +163,7 @@ def summarize_interactive(
 def _first_images(batch: dict, count: int) -> dict:
     """The batch cut to its first `count` images (and their masks)."""
     keep = batch["image_index"] < count
-    cut = {k: batch[k][:count] for k in ("image", "input_size", "valid_size", "original_size", "num_annotations")}
+    cut = {k: batch[k][:count] for k in ("image", "input_size", "valid_size", "original_size", "num_annotations", "masks_vanished")}
     cut.update(keys=batch["keys"][:count], skipped=batch["skipped"], masks_per_image=batch["masks_per_image"][:count])
     cut.update({k: batch[k][keep] for k in ("masks", "image_index")})
     if "segmentations" in batch:
@@ -180,8 +186,9 @@ def evaluate_interactive(
     Returns `summarize_interactive`'s report plus images (evaluated), images_skipped ({reason: n}:
     undecodable samples, corrupt shard members, images with no usable mask), masks_in_images (GT
     masks of the evaluated images), masks_skipped (of those, not evaluated: over max_area_fraction,
-    empty, invisible at the low-res size or beyond max_masks_per_image), the IoU resolution and the
-    low-res frame size.
+    empty, invisible at the low-res size or beyond max_masks_per_image), masks_vanished (the invisible
+    ones), miou_every_mask (mIoU after k clicks with each vanished mask counted 0, beside `miou` over
+    the evaluated masks), the IoU resolution and the low-res frame size.
     """
     sam = sam.eval()
     device = next(sam.parameters()).device
@@ -204,7 +211,7 @@ def evaluate_interactive(
     SkipLog.take()  # forget skips of earlier readers in this process
     skipped: Counter = Counter()
     shown, oracle, predicted_1, mask_image = [], [], [], []
-    images = masks_in_images = 0
+    images = masks_in_images = vanished = 0
     bar = tqdm(total=max_images, desc="interactive", unit="img", disable=not progress)
     for batch in loader if max_images is None or max_images > 0 else ():
         if max_images is not None:
@@ -233,6 +240,7 @@ def evaluate_interactive(
         n_images = batch["image"].shape[0]
         images += n_images
         masks_in_images += int(batch["num_annotations"].sum())
+        vanished += int(batch["masks_vanished"].sum())
         bar.update(n_images)
         if max_images is not None and images >= max_images:
             break
@@ -248,6 +256,9 @@ def evaluate_interactive(
         images_skipped=dict(skipped),
         masks_in_images=masks_in_images,
         masks_skipped=masks_in_images - report["masks"],
+        # masks chosen but without a pixel in the low-res frame (no click can find them): each counts 0
+        masks_vanished=vanished,
+        miou_every_mask=_mean_counting_vanished(shown_all, vanished, report["miou"]),
         iou_resolution=cfg.iou_resolution,
         # the frame the clicks are placed in, and the IoU's with iou_resolution "low_res"
         low_res_frame=[mask_size, mask_size],

@@ -201,9 +201,12 @@ class SamTrainingModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ious = self.interactive_miou(batch, self.eval_rollout)
+        # masks without a pixel in the low-res frame cannot be clicked: each counts 0 in the second figure
+        every = ious[EVAL_CLICKS[0]].shape[0] + int(batch["masks_vanished"].sum())
         for k in EVAL_CLICKS:
             if k in ious:
                 self.log(f"val/miou_{k}_clicks", ious[k].mean(), batch_size=ious[k].shape[0], sync_dist=True)
+                self.log(f"val/miou_{k}_clicks_every_mask", ious[k].sum() / every, batch_size=every, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Gradient clipping. Lightning calls this inside `optimizer.step()` once fp16's loss scale is
