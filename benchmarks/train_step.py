@@ -4,6 +4,11 @@ For the tiny CPU config and for a vit_b-shaped model at 1024 px with 64 masks an
 prints seconds per step, peak resident memory, and the decoder iterations' time as a ratio of the
 encoder's forward + backward (the same step, the same process). Target there: ratio < 1, peak
 memory <= 10 GiB. Random weights and random square masks: the cost does not depend on the content.
+
+Before/after a change: run this file of each git ref against that ref's package (the script's API is
+the ref's own), e.g. `git worktree add /tmp/before <ref>` and
+`PYTHONPATH=/tmp/before python /tmp/before/benchmarks/train_step.py`, then the same here.
+`--mask-size 1024` supervises at the input resolution (the GT masks and the loss at 1024x1024).
 """
 
 import argparse
@@ -22,11 +27,13 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def one_step(name: str, images: int, masks: int, iterations: int, clicks: int, checkpointing: bool) -> None:
+def one_step(
+    name: str, images: int, masks: int, iterations: int, clicks: int, checkpointing: bool, mask_size: int | None = None
+) -> None:
     torch.manual_seed(0)
     sam = build_sam_by_name(name).train()
     sam.image_encoder.activation_checkpointing = checkpointing
-    side, low = sam.image_encoder.img_size, sam.prompt_encoder.mask_input_size[0]
+    side, low = sam.image_encoder.img_size, mask_size or sam.prompt_encoder.mask_input_size[0]
     batch_images = torch.randint(0, 255, (images, 3, side, side), dtype=torch.uint8)
     input_size = torch.tensor([[side, side]] * images)
     gt = torch.zeros(images * masks, low, low, dtype=torch.bool)
@@ -48,7 +55,7 @@ def one_step(name: str, images: int, masks: int, iterations: int, clicks: int, c
         grouped_sam_loss(out.groups, gt, LossWeights()).total.div(gt.shape[0]).backward()
 
     start = time.perf_counter()
-    run_rollout(sam, leaf, gt, image_index, cfg, on_iteration, gen)
+    run_rollout(sam, leaf, gt, image_index, cfg, on_iteration, gen, host_image_index=image_index.numpy())
     decoder = time.perf_counter() - start
     start = time.perf_counter()
     embeddings.backward(leaf.grad)
@@ -57,7 +64,7 @@ def one_step(name: str, images: int, masks: int, iterations: int, clicks: int, c
     total = encoder + decoder
     print(
         f"{name}: {images} image(s) x {masks} masks x {iterations} iterations, activation checkpointing "
-        f"{'on' if checkpointing else 'off'}\n"
+        f"{'on' if checkpointing else 'off'}, supervision {low}x{low}\n"
         f"  step {total:.2f} s = encoder fwd {encoder_forward:.2f} s + bwd {encoder_backward:.2f} s "
         f"+ decoder iterations {decoder:.2f} s ({decoder / iterations:.2f} s each)\n"
         f"  decoder iterations / encoder fwd+bwd = {decoder / encoder:.2f} (target < 1); "
@@ -70,12 +77,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-vit-b", action="store_true")
     parser.add_argument("--checkpointing", action="store_true", help="encoder activation checkpointing for vit_b")
+    parser.add_argument("--mask-size", type=int, default=None, help="vit_b's supervision side (default: the decoder's 256)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
     one_step("vit_t_256_small_decoder", images=2, masks=16, iterations=6, clicks=4, checkpointing=False)
     if not args.skip_vit_b:
-        one_step("vit_b", images=1, masks=64, iterations=11, clicks=8, checkpointing=args.checkpointing)
+        one_step("vit_b", images=1, masks=64, iterations=11, clicks=8, checkpointing=args.checkpointing, mask_size=args.mask_size)
 
 
 if __name__ == "__main__":
