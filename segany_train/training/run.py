@@ -80,6 +80,14 @@ def build_model(model_cfg: DictConfig) -> Sam:
     return sam
 
 
+def _mask_size(value: int | str | None, image_size: int, patch_size: int) -> int:
+    """`data.mask_size`: null is the decoder's low-res side (4x the embedding's: 256 for 1024 px with
+    16-px patches), "input" the input resolution (SAM 2 supervises there), a number itself."""
+    if value is None:
+        return 4 * image_size // patch_size
+    return image_size if value == "input" else value
+
+
 def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     """The DataModule of `cfg.data`, its random draws seeded by the run's `cfg.seed`; a synthetic
     corpus the config names is written in its `prepare_data` (one process, not every rank)."""
@@ -88,7 +96,7 @@ def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     sample = SamSampleConfig(
         image_size=image_size,
         # the decoder's low-res logits: 4x the embedding's side (SAM: 256 for 1024 px with patch 16)
-        mask_size=data_cfg.mask_size or 4 * image_size // sam.image_encoder.patch_size,
+        mask_size=_mask_size(data_cfg.mask_size, image_size, sam.image_encoder.patch_size),
         max_masks=data_cfg.max_masks,
         max_area_fraction=data_cfg.max_area_fraction,
         min_mask_pixels=data_cfg.min_mask_pixels,
@@ -167,6 +175,9 @@ def check_training_values(cfg: DictConfig) -> None:
         raise RunConfigError(f"trainer.max_steps must be a positive integer (or -1 for no limit), got {max_steps!r}")
     if cfg.callbacks.save_last not in (True, False, "link"):
         raise RunConfigError(f"callbacks.save_last must be link, true or false, got {cfg.callbacks.save_last!r}")
+    mask_size = cfg.data.get("mask_size")
+    if mask_size not in (None, "input") and (not _is_integer(mask_size) or mask_size < 1):
+        raise RunConfigError(f"data.mask_size must be null, input or a positive integer, got {mask_size!r}")
     for key in ("batch_size", "max_masks"):
         if not _is_integer(cfg.data[key]) or cfg.data[key] < 1:
             raise RunConfigError(f"data.{key} must be an integer of at least 1, got {cfg.data[key]!r}")
