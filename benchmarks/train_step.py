@@ -28,7 +28,14 @@ def peak_rss_gib() -> float:
 
 
 def one_step(
-    name: str, images: int, masks: int, iterations: int, clicks: int, checkpointing: bool, mask_size: int | None = None
+    name: str,
+    images: int,
+    masks: int,
+    iterations: int,
+    clicks: int,
+    checkpointing: bool,
+    mask_size: int | None = None,
+    decoder_only: bool = False,
 ) -> None:
     torch.manual_seed(0)
     sam = build_sam_by_name(name).train()
@@ -47,7 +54,10 @@ def one_step(
     before = peak_rss_gib()
 
     start = time.perf_counter()
-    embeddings = sam.image_encoder(sam.normalize_padded(batch_images, input_size))
+    if decoder_only:  # random embeddings, no encoder graph: the rollout's own time and memory
+        embeddings = torch.randn(images, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
+    else:
+        embeddings = sam.image_encoder(sam.normalize_padded(batch_images, input_size))
     encoder_forward = time.perf_counter() - start
     leaf = embeddings.detach().requires_grad_()
 
@@ -58,17 +68,18 @@ def one_step(
     run_rollout(sam, leaf, gt, image_index, cfg, on_iteration, gen, host_image_index=image_index.numpy())
     decoder = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings.backward(leaf.grad)
+    if not decoder_only:
+        embeddings.backward(leaf.grad)
     encoder_backward = time.perf_counter() - start
     encoder = encoder_forward + encoder_backward
     total = encoder + decoder
     print(
         f"{name}: {images} image(s) x {masks} masks x {iterations} iterations, activation checkpointing "
-        f"{'on' if checkpointing else 'off'}, supervision {low}x{low}\n"
+        f"{'on' if checkpointing else 'off'}, supervision {low}x{low}{', decoder only' if decoder_only else ''}\n"
         f"  step {total:.2f} s = encoder fwd {encoder_forward:.2f} s + bwd {encoder_backward:.2f} s "
         f"+ decoder iterations {decoder:.2f} s ({decoder / iterations:.2f} s each)\n"
-        f"  decoder iterations / encoder fwd+bwd = {decoder / encoder:.2f} (target < 1); "
-        f"peak RSS {peak_rss_gib():.2f} GiB (before the step {before:.2f} GiB; target <= 10)"
+        + ("  " if decoder_only else f"  decoder iterations / encoder fwd+bwd = {decoder / encoder:.2f} (target < 1); ")
+        + f"peak RSS {peak_rss_gib():.2f} GiB (before the step {before:.2f} GiB; target <= 10)"
     )
 
 
@@ -78,12 +89,14 @@ def main() -> None:
     parser.add_argument("--skip-vit-b", action="store_true")
     parser.add_argument("--checkpointing", action="store_true", help="encoder activation checkpointing for vit_b")
     parser.add_argument("--mask-size", type=int, default=None, help="vit_b's supervision side (default: the decoder's 256)")
+    parser.add_argument("--decoder-only", action="store_true", help="vit_b's rollout alone, on random embeddings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
     one_step("vit_t_256_small_decoder", images=2, masks=16, iterations=6, clicks=4, checkpointing=False)
     if not args.skip_vit_b:
-        one_step("vit_b", images=1, masks=64, iterations=11, clicks=8, checkpointing=args.checkpointing, mask_size=args.mask_size)
+        one_step("vit_b", images=1, masks=64, iterations=11, clicks=8, checkpointing=args.checkpointing, mask_size=args.mask_size,
+                 decoder_only=args.decoder_only)
 
 
 if __name__ == "__main__":
