@@ -86,9 +86,10 @@ class ImageEncoderViT(nn.Module):
         if not self.training or not any(rates):
             return None
         draw_on = generator.device if generator is not None else device
-        keep = 1.0 - torch.tensor(rates, device=draw_on)[:, None, None]  # depth x 1 x 1
         uniform = torch.rand(len(rates), 2, batch, generator=generator, device=draw_on)  # depth x 2 x B
-        return ((uniform < keep) / keep).to(device=device, dtype=dtype)
+        # the rates stay Python numbers: a tensor of them would be a host-to-device copy (a sync on CUDA)
+        scales = torch.stack([(uniform[i] < 1.0 - rate).to(dtype) / (1.0 - rate) for i, rate in enumerate(rates)])
+        return scales.to(device)
 
     def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bx3xSxS -> Bx(out_chans)x(S/p)x(S/p); `generator` draws the stochastic depth while training."""

@@ -66,5 +66,7 @@ def box_to_points(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bottom-right (x1, y1) corner, so boxes can be concatenated with point prompts.
     """
     coords = boxes.reshape(-1, 2, 2)
-    labels = torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], dtype=torch.long, device=boxes.device)
-    return coords, labels.expand(coords.shape[0], 2).clone()
+    # filled in place, not copied from a host tensor (a host-to-device copy syncs on CUDA)
+    labels = torch.empty(coords.shape[0], 2, dtype=torch.long, device=boxes.device)
+    labels[:, 0], labels[:, 1] = BOX_TOP_LEFT, BOX_BOTTOM_RIGHT
+    return coords, labels
