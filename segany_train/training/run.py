@@ -22,6 +22,7 @@ from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.model.mae import load_mae_encoder
 from segany_train.model.sam_config import describe_size
 from segany_train.prompting.rollout import RolloutConfig
+from segany_train.training.lightning_warnings import lightning_warnings_filtered
 from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
 from segany_train.training.optim import OptimConfig
@@ -226,12 +227,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy or plugin may be a _target_ object
-    trainer = L.Trainer(
-        **trainer_cfg,
-        default_root_dir=str(run_dir),
-        logger=False if fast else build_logger(cfg, run_dir),
-        callbacks=callbacks,
-        enable_progress_bar=bool(cfg.callbacks.progress_bar),
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with lightning_warnings_filtered():  # what does not apply to this training (lightning_warnings.py)
+        trainer = L.Trainer(
+            **trainer_cfg,
+            default_root_dir=str(run_dir),
+            logger=False if fast else build_logger(cfg, run_dir),
+            callbacks=callbacks,
+            enable_progress_bar=bool(cfg.callbacks.progress_bar),
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
