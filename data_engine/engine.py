@@ -35,7 +35,7 @@ from data_engine.holdout import evaluate_holdout
 from data_engine.ledger import RunLedger
 from data_engine.prefill import BoxPrefill, train_prefill_detector
 from data_engine.progress import CycleProgress, PlannedStep, plan_cycle, round_summary
-from data_engine.report import save_overlays, write_report
+from data_engine.report import AutomaticExample, save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
 from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
@@ -283,7 +283,7 @@ class Engine:
         self._add_row({"stage": "stage3", "round": None, "images": quality["images"], "masks_per_image": quality["masks_per_image"]})
         # the generator may keep no mask at all (thresholds above what the model's IoU head reads):
         # the report shows 0 masks, and the final retrain has only the manual masks, if mixed in
-        overlays = self._overlays(auto_shards[:1]) if auto_shards else []
+        overlays = self._overlays(auto_shards[:1], split.pool) if auto_shards else []
         mix = manual * cfg.stage3.oversample_manual if cfg.stage3.mix_manual else []
         if retrain_after and cfg.stage3.train_steps and auto_shards + mix:
             # the paper's final SAM trained on automatic masks only; mixing in the manual masks, each
@@ -358,12 +358,21 @@ class Engine:
         chosen = self.ledger.run("stage3/thresholds", work)["chosen"]
         return replace(settings, pred_iou_thresh=chosen["pred_iou_thresh"], stability_score_thresh=chosen["stability_score_thresh"])
 
-    def _overlays(self, shards: list[str]) -> list[Path]:
-        examples = []
-        for item in read_labelled_images(shards):
-            examples.append((item.key, item.image, item.gt_masks))  # the shard's masks are the automatic ones
-            if len(examples) >= self.cfg.report.overlays:
-                break
+    def _overlays(self, shards: list[str], inputs: list[str]) -> list[Path]:
+        """The report's overlays: the first images of `shards` (automatic masks) beside their GT,
+        found in the `inputs` they were generated from."""
+        automatic = list(itertools.islice(read_labelled_images(shards), self.cfg.report.overlays))
+        wanted = {item.key for item in automatic}
+        gt: dict[str, list[np.ndarray]] = {}
+        for item in read_labelled_images(inputs):
+            if item.key in wanted:
+                gt[item.key] = item.gt_masks
+                if len(gt) == len(wanted):
+                    break
+        examples = [
+            AutomaticExample(item.key, item.image, gt.get(item.key, []), item.gt_masks, [a["predicted_iou"] for a in item.record["annotations"]])
+            for item in automatic  # the automatic shard's masks are its "GT"
+        ]
         return save_overlays(examples, self.run_dir / "overlays")
 
 

@@ -11,6 +11,8 @@ the Trainer (`training.run.train`, the data engine's retrains): any other warnin
 - "Your `IterableDataset` has `__len__` defined": the DataModule's streams give every worker its own
   share of the shards and a fixed length per rank (`data/datamodule.py`), which is what the warning
   asks for.
+- "Found N module(s) in eval mode at the start of training": `model.freeze` puts the frozen parts in
+  eval mode on purpose (no drop path in a frozen encoder, `training/run.build_model`).
 - the "💡 Tip: ... litlogger" line: an advertisement, logged (not warned) once per Trainer.
 
 The data engine's retrains continue one training run through the rounds, each in a directory of its
@@ -31,6 +33,7 @@ TRAINING_WARNINGS = (
     (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", UserWarning),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     (r"Your `IterableDataset` has `__len__` defined", UserWarning),
+    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning),
 )
 CONTINUED_RUN_WARNINGS = (
     (r"The dirpath has changed from", UserWarning),
