@@ -174,6 +174,26 @@ def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: P
     return record
 
 
+MASKLESS_WARNINGS = 3  # images named in a warning when they get no mask; the summary counts the rest
+
+
+def describe_masks(masks_per_image: list[int]) -> str:
+    """The masks of the images done now, for the summary line."""
+    if not masks_per_image:
+        return "no image generated now"
+    total = sum(masks_per_image)
+    return f"{total} masks, {total / len(masks_per_image):.1f} per image (fewest {min(masks_per_image)}, most {max(masks_per_image)})"
+
+
+def threshold_hint(args: argparse.Namespace) -> str:
+    """What removes every candidate mask, with the values in use."""
+    return (
+        f"every candidate fell below --pred-iou-thresh {args.pred_iou_thresh:g} or --stability-score-thresh "
+        f"{args.stability_score_thresh:g} (or was removed by --min-mask-region-area / --max-mask-area-fraction): lower "
+        "them, 0.1-0.2 at a time (a small or little-trained model predicts low IoUs for every mask)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segany-amg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="an image file, a folder of jpg/png/tif images, or an SA-1B shard pattern")
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-amg: error: {error}")
     counts: Counter = Counter()
+    masks_per_image: list[int] = []  # of the images done now
     SkipLog.take()  # forget skips of earlier readers in this process
     with ExitStack() as stack:
         # one segany-amg per --shards-out: two would number their shards alike and replace each
@@ -260,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     load_pixels(item)
                     outcome, record = "done now", process_image(item, generator, args.out)
+                    masks_per_image.append(len(record["annotations"]))
+                    if not masks_per_image[-1] and masks_per_image.count(0) <= MASKLESS_WARNINGS:
+                        tqdm.write(f"segany-amg: warning: no mask kept for {item.path or item.stem}; {threshold_hint(args)}", file=sys.stderr)
                 if writer:
                     writer.write(sample_key(item.image_id), jpeg_bytes(item), record)
                 counts[outcome] += 1
@@ -270,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
         keep_only_shards(args.shards_out, writer.written)
     counts["unreadable"] += sum(SkipLog.take().values())  # samples the shard reader could not parse
     summary = ", ".join(f"{counts[k]} {k}" for k in ("done now", "done before", "unreadable"))
-    print(f"segany-amg: {sum(counts.values())} images: {summary}; outputs in {args.out}")
+    print(f"segany-amg: {sum(counts.values())} images: {summary}; {describe_masks(masks_per_image)}; outputs in {args.out}")
+    if masks_per_image.count(0):
+        print(f"segany-amg: {masks_per_image.count(0)} of {len(masks_per_image)} images got no mask; {threshold_hint(args)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
