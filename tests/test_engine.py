@@ -1,6 +1,7 @@
 """The data engine: the ledger, the corpus split, resumable annotation and automatic stages, the cycle."""
 
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -355,8 +356,10 @@ def _answer_tasks_with_ground_truth(task_dir: Path) -> None:
     (task_dir / RESULT_FILE).write_text(json.dumps({**tasks, "annotations": annotations}))
 
 
-def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp_path):
+def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp_path, caplog):
     from data_engine import engine
+
+    caplog.set_level(logging.INFO, logger="data_engine")
     from data_engine.annotation_tasks import AwaitingAnnotation
 
     corpus = tmp_path / "corpus"
@@ -374,6 +377,11 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
         _answer_tasks_with_ground_truth(run / step / "tasks")
     report = engine.run_engine(cfg).read_text()
     steps = json.loads((run / "engine.json").read_text())["steps"]
+    # the console (and engine.log) says what each round's result brought in
+    imported = [r.getMessage() for r in caplog.records if ": imported " in r.getMessage()]
+    assert [line.split(":")[0] for line in imported] == ["stage1/round1/annotate", "stage2/round1/annotate"]
+    stats = steps["stage1/round1/annotate"]["stats"]
+    assert f"stage1/round1/annotate: imported {stats['images']} images with {stats['masks']} masks (0 images without a mask); skipped: nothing" in imported
     with pytest.raises(ValueError, match="annotator.kind must be one of"):
         engine.run_engine(_engine_config(tmp_path / "typo", corpus, ["annotator.kind=cocotasks"]))
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):

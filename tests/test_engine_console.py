@@ -64,3 +64,15 @@ def test_the_time_left_is_estimated_per_kind_of_step_and_training_per_optimiser_
     assert progress.remaining_seconds(plan[2:]) == pytest.approx(4.0 + 40 * 2.0)
     assert describe_step("stage2/round3/detector", {"stage2": 5}) == "stage2 round 3/5: detector"
     assert describe_step("stage3/generate", {}) == "stage3: generate"
+
+
+def test_label_studio_requests_are_not_logged_one_line_each():
+    from hydra import compose, initialize_config_dir
+
+    from segany_train.config_paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("engine/cycle", return_hydra_config=True)
+    # httpx logs every request at INFO; segany-engine's log (Hydra's job logging) keeps its warnings only
+    assert cfg.hydra.job_logging.loggers.httpx.level == "WARNING"
+    assert cfg.hydra.job_logging.root.handlers == ["console", "file"]  # the console and run_dir/engine.log
