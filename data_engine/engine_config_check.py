@@ -26,6 +26,10 @@ def check_engine_config(cfg: DictConfig) -> None:
     for key in ("stage1.train_steps", "stage2.train_steps", "stage3.generator.points_per_side"):
         _at_least(cfg, key, 1)
     _at_least(cfg, "stage3.train_steps", 0)  # 0: no final retrain
+    _at_least(cfg, "eval.batch_size", 1)
+    for key in ("eval.max_images", "eval.max_masks_per_image"):  # null: all of them
+        if _select(cfg, key) is not None:
+            _at_least(cfg, key, 1)
     if cfg.annotator.kind == "label_studio" and not cfg.annotator.label_studio.api_key:
         raise EngineConfigError("annotator.kind=label_studio needs annotator.label_studio.api_key (or LABEL_STUDIO_API_KEY in the environment)")
     target = cfg.annotator.target_iou

@@ -3,6 +3,7 @@ files, manifest updates under a lock, one process per run directory, and the syn
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,21 @@ def test_a_second_engine_on_one_run_directory_fails_naming_the_first(tmp_path):
         holder.communicate("")
     with pytest.raises(ValueError, match="only=stage3 needs checkpoint"):  # free again: the run itself starts
         run_engine(cfg)
+
+
+def test_the_second_engine_command_says_so_in_one_line(tmp_path):
+    holder = _holder(tmp_path / "run")
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "data_engine.engine", f"run_dir={tmp_path / 'run'}", "only=stage3", "corpus.synthetic=null",
+             f"corpus.shards={tmp_path}/pool/sa_000000.tar", "progress=false"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    finally:
+        holder.communicate("")
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
+    assert lines[0].startswith("segany-engine: error: ") and f"pid {holder.pid} " in lines[0], lines[0]
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):

@@ -27,6 +27,8 @@ def engine_overrides(tmp_path) -> list[str]:
         ("stage3.generator.pred_iou_thresh=nan", "pred_iou_thresh"),
         ("corpus.synthetic.num_images=-5", "num_images"),
         ("corpus.synthetic.images_per_shard=0", "images_per_shard"),
+        ("eval.batch_size=0", "eval.batch_size"),
+        ("eval.max_images=0", "eval.max_images"),
     ],
 )
 def test_engine_refuses_values_that_cannot_work_before_any_work(tmp_path, override, named):

@@ -3,6 +3,7 @@ the written RLEs), bad items counted and named, the seeded split, resume and the
 
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from segany_train.data.folder_conversion import REPORT_NAME, FolderSource, convert_folder, main, split_items
+from segany_train.data.dataset_layouts import label_map_rles
+from segany_train.data.folder_conversion import REPORT_NAME, FolderSource, convert_folder, convert_item, main, split_items
 from segany_train.data.image_loading import load_image
 from segany_train.data.sa1b import decode_sample
 from segany_train.data.shard_writer import read_manifest, write_manifest
@@ -186,6 +188,7 @@ def test_resume_after_a_lost_shard_and_cached_rerun(tmp_path: Path) -> None:
     resumed = convert_folder(source, out, val_fraction=0.2, images_per_shard=2, progress=False)
     assert resumed.splits["train"].images_resumed == first.splits["train"].images_written - shards[last]["samples"]
     assert resumed.splits["train"].images_written == shards[last]["samples"]
+    assert resumed.summary() == first.summary()  # every image's masks counted, not only the last part's
     after = _read_back(out)
     assert sorted(after) == sorted(before)
     cached = convert_folder(source, out, val_fraction=0.2, images_per_shard=2, progress=False)
@@ -207,3 +210,36 @@ def test_cli_one_line_errors(tmp_path: Path, capsys) -> None:
         main(["label-maps", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert exit_info.value.code == 1
     assert "missing_masks=1" in capsys.readouterr().err
+
+
+def test_label_map_rles_are_pycocotools_encodings_of_each_id() -> None:
+    rng = np.random.default_rng(0)
+    maps = [
+        rng.integers(0, 6, (17, 13)).astype(np.int32) * np.where(rng.random((17, 13)) < 0.5, 1, -1),  # runs, negative ids
+        np.pad(np.ones((3, 4), np.uint8), ((5, 0), (7, 0))),  # the object ends at the last pixel
+        np.eye(9, dtype=bool),
+    ]
+    for labels in maps:
+        ids = [i for i in np.unique(labels) if i != 0]
+        expected = [mask_utils.encode(np.asfortranarray((labels == i).astype(np.uint8))) for i in ids]
+        assert label_map_rles(labels) == expected
+
+
+def test_a_label_map_of_many_ids_takes_memory_by_pixels_not_pixels_times_ids(tmp_path: Path) -> None:
+    side = 100  # 10 000 one-pixel objects: a boolean mask per id would take 100 MB
+    labels = (np.random.default_rng(0).permutation(side * side) + 1).reshape(side, side).astype(np.uint16)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / "images" / "many.png")
+    Image.fromarray(labels).save(tmp_path / "labels" / "many.png")
+    item = FolderSource(layout="label-maps", images=tmp_path / "images", labels=tmp_path / "labels").items()[0]
+    tracemalloc.start()
+    try:
+        _, _, record, _ = convert_item(0, item)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(record["annotations"]) == side * side
+    assert peak < 30 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    first = record["annotations"][0]["segmentation"]
+    assert mask_utils.decode({"size": first["size"], "counts": first["counts"].encode()}).sum() == 1

@@ -1,11 +1,20 @@
-"""Resuming a run keeps its metric history; relaunching a run directory with an incompatible model
-fails before anything in it is written."""
+"""Resuming a run keeps its metric history; relaunching a run directory with an incompatible model, or
+over a checkpoint that is not one, fails before anything in it is written; a full disk leaves no
+truncated checkpoint and is said in one line."""
 
+import builtins
 import csv
+import errno
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import tiny_training_overrides
 
@@ -39,3 +48,106 @@ def test_resuming_keeps_the_metric_history_and_another_model_size_writes_nothing
     assert other.returncode != 0
     assert "Traceback" not in other.stderr and "vit_t_256" in other.stderr.strip().splitlines()[-1], other.stderr[-3000:]
     assert (tmp_path / "run" / "config.yaml").read_bytes() == config
+
+
+def test_a_garbage_last_checkpoint_is_refused_in_one_line_naming_it(tmp_path):
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 not a checkpoint, cut short by a crash" * 10)
+    refused = run_training(tmp_path, "trainer.max_steps=2")
+    assert refused.returncode != 0
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    message = refused.stderr.strip().splitlines()[-1]
+    assert str(last) in message and "move it out of the run directory (or delete it)" in message, message
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
+
+
+class FullDirectory:
+    """A full file system under `directory`, simulated: files opened for writing there take `room`
+    more bytes in all, then a write stores what fits and raises OSError(ENOSPC), as a full disk does,
+    through write() (open, os.fdopen) and sendfile() (shutil's copies)."""
+
+    def __init__(self, directory: Path, room: int, monkeypatch) -> None:
+        self.directory, self.room = directory.resolve(), room
+        real_open, real_sendfile = io.open, os.sendfile
+
+        def opening(file, mode="r", *args, **kwargs):
+            opened = real_open(file, mode, *args, **kwargs)
+            return _FullFile(opened, self) if set(mode) & set("wax+") and self.holds(file) else opened
+
+        def sendfile(out_fd, in_fd, offset, count):
+            if not self.holds(out_fd):
+                return real_sendfile(out_fd, in_fd, offset, count)
+            fits = min(count, self.room)
+            sent = real_sendfile(out_fd, in_fd, offset, fits) if fits else 0
+            self.room -= sent
+            if fits < count and sent == fits:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return sent
+
+        monkeypatch.setattr(builtins, "open", opening)
+        monkeypatch.setattr(io, "open", opening)  # os.fdopen's
+        monkeypatch.setattr(os, "sendfile", sendfile)
+
+    def holds(self, file) -> bool:
+        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.path.abspath(file)
+        return Path(path).resolve().is_relative_to(self.directory)
+
+
+class _FullFile:
+    def __init__(self, file, disk: FullDirectory) -> None:
+        self._file, self._disk = file, disk
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        fits = min(len(data), self._disk.room)
+        self._file.write(data[:fits])
+        self._file.flush()
+        self._disk.room -= fits
+        if fits < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fits
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+def run_training_here(tmp_path: Path, monkeypatch, *overrides: str) -> None:
+    """segany-train's entry in this process (so that the file system can be made full)."""
+    from segany_train.train import main
+
+    arguments = [*tiny_training_overrides(tmp_path / "corpus"), "prompting.num_iterations=2", "trainer.limit_val_batches=0"]
+    arguments += ["callbacks.checkpoint_every_n_steps=1", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    monkeypatch.setattr(sys, "argv", ["segany-train", *arguments])
+    main()
+
+
+def test_a_full_disk_leaves_no_truncated_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    with monkeypatch.context() as first:
+        run_training_here(tmp_path, first, "trainer.max_steps=1")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = (checkpoints / "last.ckpt").read_bytes()
+    # the system temp directory on another file system than the run (a tmpfs /tmp, a container's)
+    system_temp = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    FullDirectory(checkpoints, room=4096, monkeypatch=monkeypatch)
+    try:
+        with pytest.raises(SystemExit) as failed:
+            run_training_here(tmp_path, monkeypatch, "trainer.max_steps=2")
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(system_temp)
+    assert (checkpoints / "last.ckpt").read_bytes() == last  # the earlier checkpoint is intact
+    for path in checkpoints.iterdir():  # whatever carries a checkpoint's name is a whole checkpoint
+        assert path.suffix == ".ckpt", path
+        torch.load(path, map_location="cpu", weights_only=True)
+    message = str(failed.value.code)
+    assert message.startswith("segany-train: error: disk full writing ") and "\n" not in message, message
+    assert str(checkpoints / "epoch=0-step=2.ckpt") in message and "free space and rerun" in message, message

@@ -56,6 +56,7 @@ class ConversionReport:
     images_written: int = 0
     masks_written: int = 0
     images_resumed: int = 0  # already in the shards of an interrupted run with the same settings
+    masks_resumed: int = 0  # the masks of those images
     shards: list[Path] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -63,7 +64,7 @@ class ConversionReport:
         """One line for a log: counts written and every skip reason with its count."""
         text = f"wrote {self.images_written} images, {self.masks_written} masks, {len(self.shards)} shard(s)"
         if self.images_resumed:
-            text += f" after {self.images_resumed} images written before"
+            text += f" after {self.images_resumed} images ({self.masks_resumed} masks) written before"
         if self.skipped:
             text += "; skipped: " + ", ".join(f"{reason}={n}" for reason, n in sorted(self.skipped.items()))
         return text
@@ -265,6 +266,7 @@ def coco_to_shards(
                 continue
             if report.images_resumed < to_skip:  # the conversion is deterministic: these are in the shards
                 report.images_resumed += 1
+                report.masks_resumed += len(sample[2]["annotations"])
                 continue
             writer.write(*sample)
             report.images_written += 1

@@ -12,7 +12,7 @@
   `csv_masks="label_map"`, each mask file is a label map.
 
 `<name>` is the image's path under the images folder without its suffix (sub-folders allowed).
-Reading pixels and checking them is `read_item_masks`; a file that cannot be used raises
+Reading pixels and checking them is `read_item_rles`; a file that cannot be used raises
 `ItemError` with a reason key (counted by the converter) and a message naming the file.
 """
 
@@ -20,9 +20,11 @@ import csv
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -155,15 +157,17 @@ def _read_mask_file(path: Path) -> np.ndarray:
     return values
 
 
-def read_item_masks(item: DatasetItem, height: int, width: int) -> tuple[list[np.ndarray], int]:
-    """(HxW bool masks of the item's objects, how many empty binary mask files were left out).
+def read_item_rles(item: DatasetItem, height: int, width: int) -> tuple[list[dict[str, Any]], int]:
+    """(the compressed COCO RLE of each of the item's objects, how many empty binary mask files were
+    left out).
 
     Label-map objects are ordered by id; binary masks by file. ItemError for a missing or unreadable
     file, a mask of another size than the image (height x width), or an item with no object at all.
+    Each file is encoded as it is read, so memory holds one file's pixels, never a mask per object.
     """
     if not item.label_maps and not item.binary_masks:
         raise ItemError("missing_masks", f"{item.image}: no mask file found")
-    masks: list[np.ndarray] = []
+    rles: list[dict[str, Any]] = []
     empty = 0
     for path in (*item.label_maps, *item.binary_masks):
         values = _read_mask_file(path)
@@ -172,11 +176,41 @@ def read_item_masks(item: DatasetItem, height: int, width: int) -> tuple[list[np
                 "size_mismatch", f"{path} is {values.shape[1]}x{values.shape[0]}, its image {item.image} is {width}x{height}"
             )
         if path in item.label_maps:
-            masks.extend(values == label for label in np.unique(values) if label != 0)
+            rles.extend(label_map_rles(values))
         elif values.any():
-            masks.append(values != 0)
+            rles.append(mask_utils.encode(np.asfortranarray((values != 0).astype(np.uint8))))
         else:
             empty += 1
-    if not masks:
+    if not rles:
         raise ItemError("empty", f"{item.image}: its masks hold no object (every pixel is 0)")
-    return masks, empty
+    return rles, empty
+
+
+def label_map_rles(values: np.ndarray) -> list[dict[str, Any]]:
+    """The compressed COCO RLE of each non-zero id of an HxW label map, in id order.
+
+    Memory grows with the pixels, not with pixels x ids (a 200x200 map of 40 000 ids took 1.85 GB as
+    one boolean mask per id): one stable sort of the column-major pixels (COCO's order) by id lists
+    each id's pixel positions in ascending order, and the runs of consecutive positions are its RLE.
+    """
+    height, width = values.shape
+    flat = values.ravel(order="F")
+    order = np.argsort(flat, kind="stable")
+    ids = flat[order]
+    order, ids = order[ids != 0], ids[ids != 0]
+    if not order.size:
+        return []
+    # a run of an id's pixels starts where the id changes or a position is not the previous one + 1
+    first = np.flatnonzero(np.r_[True, (ids[1:] != ids[:-1]) | (order[1:] != order[:-1] + 1)])
+    run_start, run_length, run_id = order[first], np.diff(np.r_[first, order.size]), ids[first]
+    new_id = np.r_[True, run_id[1:] != run_id[:-1]]
+    zeros_before = run_start - np.where(new_id, 0, np.r_[0, run_start[:-1] + run_length[:-1]])
+    bounds = np.r_[np.flatnonzero(new_id), run_id.size]
+    rles = []
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        counts = np.empty(2 * (b - a) + 1, dtype=np.int64)  # zeros, ones, ..., zeros after the last run
+        counts[0:-1:2], counts[1::2] = zeros_before[a:b], run_length[a:b]
+        counts[-1] = height * width - run_start[b - 1] - run_length[b - 1]
+        counts = counts[:-1] if counts[-1] == 0 else counts  # as pycocotools encodes a mask ending in the object
+        rles.append(mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width))
+    return rles

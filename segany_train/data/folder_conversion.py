@@ -39,10 +39,10 @@ from segany_train.data.dataset_layouts import (
     label_map_items,
     mask_folder_items,
     mask_pattern_items,
-    read_item_masks,
+    read_item_rles,
 )
 from segany_train.data.image_loading import ImageFileError, load_image_file, shard_jpeg
-from segany_train.data.sa1b import annotation_from_mask, make_record, sample_key
+from segany_train.data.sa1b import annotation_from_rle, make_record, sample_key
 from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
 
 SPLITS = ("train", "val")
@@ -104,7 +104,7 @@ class FolderConversionReport:
 
     def summary(self) -> str:
         """One line: images and masks per split, every skip reason with its count."""
-        parts = [f"{name}: {r.images_written + r.images_resumed} images, {r.masks_written} masks" for name, r in self.splits.items()]
+        parts = [f"{name}: {r.images_written + r.images_resumed} images, {r.masks_written + r.masks_resumed} masks" for name, r in self.splits.items()]
         text = "; ".join(parts) + (" (cached)" if self.cached else "")
         if self.skipped:
             text += "; skipped: " + ", ".join(f"{reason}={n}" for reason, n in sorted(self.skipped.items()))
@@ -147,8 +147,8 @@ def convert_item(image_id: int, item: DatasetItem) -> tuple[str, bytes, dict[str
     except ImageFileError as error:
         raise ItemError(error.reason, str(error)) from None
     height, width = loaded.pixels.shape[:2]
-    masks, empty = read_item_masks(item, height, width)
-    annotations = [annotation_from_mask(m, annotation_id=image_id * MASKS_PER_IMAGE_ID + k) for k, m in enumerate(masks)]
+    rles, empty = read_item_rles(item, height, width)
+    annotations = [annotation_from_rle(rle, annotation_id=image_id * MASKS_PER_IMAGE_ID + k) for k, rle in enumerate(rles)]
     record = make_record(image_id=image_id, width=width, height=height, file_name=item.image.name, annotations=annotations)
     record["image"]["source"] = item.name
     return sample_key(image_id), shard_jpeg(loaded, data), record, empty
@@ -203,6 +203,7 @@ def convert_folder(
                     report.skipped_items.append(f"{item.name}: empty_mask_files: {empty} empty mask file(s) left out")
                 if split_report.images_resumed < to_skip:  # deterministic: these are in the complete shards
                     split_report.images_resumed += 1
+                    split_report.masks_resumed += len(record["annotations"])
                     continue
                 writer.write(key, jpeg, record)
                 split_report.images_written += 1

@@ -2,6 +2,7 @@
 the plain function under `segany-train`'s `@hydra.main` (`segany_train/train.py`); tests and the data
 engine call it directly."""
 
+import pickle
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ from segany_train.data.datamodule import SA1BDataModule
 from segany_train.data.sam_sample import SamSampleConfig
 from segany_train.model import Sam, SamCheckpointError, SamConfig, build_sam_by_name
 from segany_train.model.attention_init import tie_cross_attention_queries_and_keys
-from segany_train.model.checkpoint import load_checkpoint_file
+from segany_train.model.checkpoint import _first_line, load_checkpoint_file
 from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.model.mae import load_mae_encoder
 from segany_train.model.sam_config import describe_size
 from segany_train.prompting.rollout import RolloutConfig
+from segany_train.training.checkpoint_io import AtomicCheckpointIO
 from segany_train.training.lightning_warnings import lightning_warnings_filtered
 from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
@@ -183,9 +185,16 @@ def _is_integer(value: object) -> bool:
 
 
 def check_resumable(checkpoint: Path, sam: Sam) -> None:
-    """RunConfigError when `checkpoint` (a run's own, to resume from) was trained with another SAM
-    architecture than `sam`'s. Only the hyper-parameters are read (the tensors are memory-mapped)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {}).get("sam")
+    """RunConfigError when `checkpoint` (a run's own, to resume from) is not a readable Lightning
+    checkpoint, or was trained with another SAM architecture than `sam`'s. Only the hyper-parameters
+    are read (the tensors are memory-mapped)."""
+    try:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, OSError, AttributeError, IndexError, TypeError) as error:
+        raise RunConfigError(_unresumable(checkpoint, f"it is not a readable checkpoint: {_first_line(error)}")) from None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("state_dict"), dict):
+        raise RunConfigError(_unresumable(checkpoint, "it is not a Lightning checkpoint of a segany-train run (no state_dict)"))
+    saved = loaded.get("hyper_parameters", {}).get("sam")
     if not saved:
         return
     found = SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
@@ -195,6 +204,13 @@ def check_resumable(checkpoint: Path, sam: Sam) -> None:
             f"{checkpoint} is a run of {describe_size(found)} but the config builds {describe_size(expected)}; "
             "use another run_dir for another model"
         )
+
+
+def _unresumable(checkpoint: Path, why: str) -> str:
+    return (
+        f"cannot resume from {checkpoint}: {why}; move it out of the run directory (or delete it) and rerun "
+        "(the run then resumes from its newest hpc_ckpt_<n>.ckpt, if any, or starts afresh), or set ckpt_path=<a good checkpoint>"
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -227,9 +243,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.callbacks.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy or plugin may be a _target_ object
+    plugins = trainer_cfg.pop("plugins", None) or []
     with lightning_warnings_filtered():  # what does not apply to this training (lightning_warnings.py)
         trainer = L.Trainer(
             **trainer_cfg,
+            plugins=[*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()],  # no half-written checkpoint
             default_root_dir=str(run_dir),
             logger=False if fast else build_logger(cfg, run_dir),
             callbacks=callbacks,
