@@ -94,10 +94,7 @@ def _imported(step: str, out: dict[str, Any]) -> str:
     """What a real tool's result brought into the round, in one line."""
     images = out["images"]
     skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(out["skipped"].items()) if n) or "nothing"
-    return (
-        f"{step}: imported {len(images)} images with {sum(i['masks'] for i in images)} masks "
-        f"({sum(1 for i in images if i['masks'] == 0)} images without a mask); skipped: {skipped}"
-    )
+    return f"{step}: imported {len(images)} images with {sum(i['masks'] for i in images)} masks; skipped: {skipped}"
 
 
 class Engine:

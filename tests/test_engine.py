@@ -387,7 +387,7 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
     imported = [r.getMessage() for r in caplog.records if ": imported " in r.getMessage()]
     assert [line.split(":")[0] for line in imported] == ["stage1/round1/annotate", "stage2/round1/annotate"]
     stats = steps["stage1/round1/annotate"]["stats"]
-    assert f"stage1/round1/annotate: imported {stats['images']} images with {stats['masks']} masks (0 images without a mask); skipped: nothing" in imported
+    assert f"stage1/round1/annotate: imported {stats['images']} images with {stats['masks']} masks; skipped: nothing" in imported
     with pytest.raises(ValueError, match="annotator.kind must be one of"):
         engine.run_engine(_engine_config(tmp_path / "typo", corpus, ["annotator.kind=cocotasks"]))
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):
