@@ -120,9 +120,9 @@ def save_overlays(examples: list[AutomaticExample], directory: Path) -> list[Pat
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for example in examples:
-        gt = Panel(f"GT: {len(example.gt_masks)} objects" if example.gt_masks else "GT: none in the input", example.gt_masks)
+        gt = Panel(f"GT objects: {len(example.gt_masks)}" if example.gt_masks else "GT: none in the input", example.gt_masks)
         automatic = Panel(
-            f"automatic: {len(example.masks)} masks, predicted IoU",
+            f"automatic masks: {len(example.masks)}, with predicted IoU",
             example.masks,
             objects=match_to_objects(example.masks, example.gt_masks),
             scores=example.predicted_ious,

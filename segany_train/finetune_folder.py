@@ -161,7 +161,7 @@ def write_overlays(before: Sam, after: Sam, shards: list[str], out_dir: Path, *,
     for key, jpeg, record in read_records(shards):
         image = decode_record_image(jpeg, record)
         gt = [mask_utils.decode(pycocotools_rle(a["segmentation"])).astype(bool) for a in record["annotations"]]
-        panels = [Panel(f"GT: {len(gt)} objects", gt)]
+        panels = [Panel(f"GT objects: {len(gt)}", gt)]
         for name, sam in (("before (start)", before), ("after (fine-tuned)", after)):
             masks, clicks = _one_click_masks(sam, image, gt)
             ious = [_mask_iou(m, g) for m, g in zip(masks, gt)]
