@@ -46,6 +46,7 @@ from segany_train.data.synthetic import write_configured_corpus
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam, build_sam_from_checkpoint
+from segany_train.os_errors import describe_os_error
 
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
@@ -383,6 +384,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_AWAITING_ANNOTATION)
     except DirectoryLocked as locked:  # another segany-engine runs in this run directory
         sys.exit(f"segany-engine: error: {locked}")
+    except OSError as error:  # a full disk
+        sys.exit(f"segany-engine: error: {describe_os_error(error, rerun='the engine resumes in the step that failed')}")
     print(report.read_text())
     print(f"\nreport: {report}")
 

@@ -25,8 +25,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomically(path, buffer.getbuffer())
-        except OSError as error:
-            raise OSError(error.errno, error.strerror, str(path)) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(path, buffer.getbuffer())  # an OSError names the checkpoint
