@@ -30,22 +30,23 @@ from data_engine.annotator import SimulatedAnnotator, TimeModel
 from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
 from data_engine.engine_config_check import check_engine_config
-from data_engine.holdout import evaluate_holdout
 from data_engine.ledger import RunLedger
-from data_engine.prefill import BoxPrefill, train_prefill_detector
 from data_engine.report import save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
-from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.targets import engine_summary
 from data_engine.threshold_sweep import choose_thresholds, sweep_automatic, sweep_prefill
 from segany_train.amg.generator_settings import GeneratorSettings
+from segany_train.box_detection.prefill import BoxPrefill, train_prefill_detector
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import DirectoryLocked, lock_directory
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.data.synthetic import write_configured_corpus
+from segany_train.evaluation.holdout import evaluate_holdout
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.predictor import SamPredictor
+from segany_train.inference.precision import check_precision
 from segany_train.model import Sam, build_sam_from_checkpoint
+from segany_train.model.seed_model import resolve_seed_checkpoint
 from segany_train.os_errors import describe_os_error
 
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
@@ -97,6 +98,7 @@ class Engine:
         self.run_dir = Path(cfg.run_dir)
         self.train_base = compose_training_config(list(cfg.training.overrides))
         self.device = engine_device(cfg.device, self.train_base.trainer.get("accelerator"))
+        self.precision = check_precision(cfg.precision)
         # the shipped (or a given) seed model, hash-checked before anything runs; None: trained here
         self.seed_weights = str(resolve_seed_checkpoint(cfg.seed_model.checkpoint, cfg.seed_model.sha256)) if cfg.seed_model.checkpoint else None
         self.ledger = RunLedger(self.run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -163,7 +165,7 @@ class Engine:
             step_dir = self.ledger.step_dir(step)
             if self.cfg.annotator.kind in ("coco_tasks", "label_studio"):  # a real tool: export, wait for its result, import
                 if not (step_dir / "tasks" / TASKS_FILE).exists():
-                    shown = prefill(SamPredictor(self._model(checkpoint))) if prefill else None
+                    shown = prefill(SamPredictor(self._model(checkpoint), precision=self.precision)) if prefill else None
                     export_tasks(chunk, step_dir / "tasks", prefill=shown, progress=self.cfg.progress)
                 if self.cfg.annotator.kind == "label_studio":  # published, assisted by segany-serve, collected when done
                     from data_engine.label_studio_tasks import sync_round  # needs the [annotate] extra
@@ -171,7 +173,7 @@ class Engine:
                     sync_round(step_dir / "tasks", settings=self.cfg.annotator.label_studio, title=f"{self.run_dir.name} {step}", checkpoint=checkpoint)
                 out = import_annotations(step_dir / "tasks", step_dir, first_index=first_index)
             else:
-                predictor = SamPredictor(self._model(checkpoint))
+                predictor = SamPredictor(self._model(checkpoint), precision=self.precision)
                 out = annotate_shards(
                     chunk,
                     step_dir,
@@ -248,7 +250,7 @@ class Engine:
         settings = self._stage3_settings(checkpoint, manual)
 
         def generate() -> dict[str, Any]:
-            generator = SamAutomaticMaskGenerator.from_settings(self._model(checkpoint), settings)
+            generator = SamAutomaticMaskGenerator.from_settings(self._model(checkpoint), settings, precision=self.precision)
             out = generate_shards(generator, split.pool, self.ledger.step_dir("stage3/generate"), progress=cfg.progress)
             return {"shards": [self._relative(s) for s in out["shards"]], "quality": summarize_quality(out["images"])}
 
@@ -302,7 +304,7 @@ class Engine:
                 seed=cfg.seed,
                 progress=cfg.progress,
             )
-            prefill = BoxPrefill.from_files(detector, SamPredictor(self._model(checkpoint)), settings=cfg.stage2.prefill)
+            prefill = BoxPrefill.from_files(detector, SamPredictor(self._model(checkpoint), precision=self.precision), settings=cfg.stage2.prefill)
             items = list(itertools.islice(read_labelled_images(annotated[-1]["shards"]), sweep.images))
             rows = sweep_prefill(
                 prefill, items, target_iou=cfg.annotator.target_iou, pred_iou=sweep.pred_iou, stability=sweep.stability, progress=cfg.progress
@@ -325,7 +327,13 @@ class Engine:
         def work() -> dict[str, Any]:
             items = list(itertools.islice(read_labelled_images(manual[::-1]), sweep.images))
             rows = sweep_automatic(
-                self._model(checkpoint), items, settings=settings, pred_iou=sweep.pred_iou, stability=sweep.stability, progress=cfg.progress
+                self._model(checkpoint),
+                items,
+                settings=settings,
+                pred_iou=sweep.pred_iou,
+                stability=sweep.stability,
+                progress=cfg.progress,
+                precision=self.precision,
             )
             chosen = choose_thresholds(rows, quality="share_iou_above_75", minimum=sweep.stage3_min_share_iou_75, amount="gt_recall_50")
             return {"chosen": chosen, "rows": rows, "images": len(items), "model": self._relative(checkpoint)}

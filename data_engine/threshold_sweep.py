@@ -16,7 +16,7 @@ those whose quality reaches a minimum. Each image is processed once, at the loos
 pairs filter its candidates and repeat the box NMS. That equals running the generator at each pair
 except where a mask was suppressed at the loosest pair by one that a stricter pair drops.
 
-    python -m data_engine.threshold_sweep --checkpoint data_engine/seed/engine_seed.pt \\
+    python -m data_engine.threshold_sweep --checkpoint segany_train/model/seed/engine_seed.pt \\
         --shards 'data/engine_pool/sa_{000011..000017}.tar' --images 30
 """
 
@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from data_engine.automatic_step import image_quality, summarize_quality
 from data_engine.corpus import LabelledImage, read_labelled_images
-from data_engine.prefill import BoxPrefill, confident_masks
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.amg.mask_ops import box_nms
+from segany_train.box_detection.prefill import BoxPrefill, confident_masks
 from segany_train.data.mask_iou import encode_masks, rle_iou_matrix
 from segany_train.data.pipeline import expand_shard_patterns
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
@@ -58,12 +58,14 @@ def sweep_automatic(
     pred_iou: Sequence[float] = PRED_IOU,
     stability: Sequence[float] = STABILITY,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """One row per (pred_iou_thresh, stability_score_thresh): the pair and `summarize_quality`'s
-    figures of the automatic masks against each image's annotated masks."""
+    figures of the automatic masks against each image's annotated masks (the model run at
+    `precision`, as the generator it chooses for)."""
     pairs = _pairs(pred_iou, stability)
     loosest = replace(settings, pred_iou_thresh=min(pred_iou), stability_score_thresh=min(stability))
-    generator = SamAutomaticMaskGenerator.from_settings(sam, loosest, output_mode="coco_rle")
+    generator = SamAutomaticMaskGenerator.from_settings(sam, loosest, output_mode="coco_rle", precision=precision)
     per_pair: dict[tuple[float, float], list[dict[str, Any]]] = {pair: [] for pair in pairs}
     for item in tqdm(items, desc="stage 3 threshold sweep", disable=not progress):
         records = generator.generate(item.image)

@@ -6,7 +6,7 @@
 Steps, each kept in the run directory so that the same command resumes:
 1. the folder is converted once (`folder_conversion.convert_folder`, into `data.converted`, cached);
 2. the starting model (`model.checkpoint`; `builtin` is the shipped seed model, hash-checked) is
-   scored on the held-out split with the interactive protocol (`data_engine.holdout.evaluate_holdout`:
+   scored on the held-out split with the interactive protocol (`segany_train.evaluation.holdout.evaluate_holdout`:
    mIoU after 1 and 5 clicks, 95% bootstrap intervals over images) -> `finetune/before.json`;
 3. `segany-train` trains as configured, with `finetune.mode` setting what trains: `decoder` (image
    and prompt encoders frozen), `lora` (encoders frozen, LoRA adapters on the encoder's attention
@@ -99,7 +99,7 @@ def folder_source(data_cfg: DictConfig) -> FolderSource:
 
 def resolve_start_checkpoint(checkpoint: str) -> Path:
     """`builtin` -> the shipped seed model (its SHA-256 checked); anything else -> that path."""
-    from data_engine.seed_model import BUILTIN, SeedModelError, resolve_seed_checkpoint
+    from segany_train.model.seed_model import BUILTIN, SeedModelError, resolve_seed_checkpoint
 
     try:
         return resolve_seed_checkpoint(BUILTIN) if checkpoint == BUILTIN else Path(checkpoint)
@@ -114,7 +114,7 @@ def count_trainable_parameters(sam: torch.nn.Module) -> int:
 def evaluate_split(sam: Sam, shards: list[str], *, max_images: int | None, batch_size: int, seed: int) -> dict[str, Any]:
     """`evaluate_holdout`'s figures (miou_1, miou_1_ci, miou_5, miou_5_ci, iou_head_spearman,
     eval_images, eval_masks) of `sam` on every mask of the shards' images."""
-    from data_engine.holdout import evaluate_holdout
+    from segany_train.evaluation.holdout import evaluate_holdout
 
     sam.eval()
     with torch.no_grad():

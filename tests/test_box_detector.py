@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_engine.box_detection.box_head import BoxHead, BoxHeadConfig
-from data_engine.box_detection.box_targets import BoxTargets, box_slots, decode_boxes, encode_targets
-from data_engine.box_detection.detection import detect_boxes
-from data_engine.box_detection.head_file import load_box_head, save_box_head
-from data_engine.box_detection.image_embeddings import encode_images
-from data_engine.box_detection.training import fit_box_head, train_box_detector
-from data_engine.box_detection.training_data import encode_training_data, xywh_to_input_xyxy
+from segany_train.box_detection.box_head import BoxHead, BoxHeadConfig
+from segany_train.box_detection.box_targets import BoxTargets, box_slots, decode_boxes, encode_targets
+from segany_train.box_detection.detection import detect_boxes
+from segany_train.box_detection.head_file import load_box_head, save_box_head
+from segany_train.box_detection.image_embeddings import encode_images
+from segany_train.box_detection.training import fit_box_head, train_box_detector
+from segany_train.box_detection.training_data import encode_training_data, xywh_to_input_xyxy
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.synthetic import write_synthetic_corpus

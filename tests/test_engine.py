@@ -152,7 +152,7 @@ TRAINING = [
 
 def _seed_weights(directory: Path) -> tuple[Path, str]:
     """A seed model file for the engine's test training config, and its SHA-256."""
-    from data_engine.seed_model import file_sha256
+    from segany_train.model.seed_model import file_sha256
     from segany_train.model import build_sam_by_name
 
     path = directory / "seed.pth"
@@ -288,6 +288,12 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
     automatic = sorted((tmp_path / "alone" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
     assert [k for s in automatic for k in _keys(str(s))] == _keys(str(corpus / "sa_000004.tar"))
     assert "Stage 3 automatic masks" in alone.read_text()
+    # the same in bf16: the generator ran under bfloat16 autocast on the same images
+    engine.run_engine(_engine_config(tmp_path / "alone_bf16", corpus, [*extra, "precision=bf16"]))
+    automatic_bf16 = sorted((tmp_path / "alone_bf16" / "run" / "stage3" / "generate").glob("automatic-*.tar"))
+    assert [k for s in automatic_bf16 for k in _keys(str(s))] == _keys(str(corpus / "sa_000004.tar"))
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        engine.run_engine(_engine_config(tmp_path / "fp16", corpus, [*extra, "precision=fp16"]))
 
     # a generator that keeps no mask leaves no shard, and the report says so instead of failing
     strict = engine.run_engine(_engine_config(tmp_path / "strict", corpus, [*extra, "stage3.generator.pred_iou_thresh=1.0"]))
@@ -297,7 +303,7 @@ def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(t
 
 def test_seed_model_is_hash_checked_before_anything_runs(tmp_path):
     from data_engine import engine
-    from data_engine.seed_model import BUILTIN_PATH, BUILTIN_SHA256, SeedModelError, file_sha256, resolve_seed_checkpoint
+    from segany_train.model.seed_model import BUILTIN_PATH, BUILTIN_SHA256, SeedModelError, file_sha256, resolve_seed_checkpoint
 
     corpus = tmp_path / "corpus"
     with pytest.raises(SeedModelError, match="expected 0000"):
@@ -400,7 +406,7 @@ def test_the_seed_can_start_from_a_trained_model_and_retrains_continue_it(pool, 
 
 
 def test_bootstrap_interval_against_a_brute_force_resampling():
-    from data_engine.holdout import bootstrap_interval
+    from segany_train.evaluation.holdout import bootstrap_interval
 
     rng = np.random.default_rng(1)
     values = rng.random(30)

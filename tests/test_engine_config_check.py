@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from data_engine.engine import run_engine
 from data_engine.engine_config_check import EngineConfigError
-from data_engine.seed_model import BUILTIN_PATH
+from segany_train.model.seed_model import BUILTIN_PATH
 from segany_train.config_paths import CONFIG_DIR
 from tests.full_disk import FullDirectory
 

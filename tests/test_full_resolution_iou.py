@@ -9,7 +9,6 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from data_engine.seed_model import BUILTIN_PATH
 from segany_train.data.pipeline import collate_sam_samples, read_records, sam_sample_pipeline
 from segany_train.data.sa1b import annotation_from_mask, make_record
 from segany_train.data.sam_sample import SamSampleConfig
@@ -17,6 +16,7 @@ from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.evaluation.interactive import FullResolutionIoU, InteractiveEvalConfig, evaluate_interactive
 from segany_train.inference.predictor import SamPredictor
 from segany_train.model import build_sam_from_checkpoint
+from segany_train.model.seed_model import BUILTIN_PATH
 from segany_train.prompting import center_correction_clicks
 
 SIZES = [(150, 230), (97, 61), (300, 300)]  # (H, W): wide, tall and larger than the 256 model input

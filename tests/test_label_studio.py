@@ -48,7 +48,7 @@ from segany_train.label_studio.regions import brush_region
 
 pytestmark = pytest.mark.label_studio
 
-SEED_MODEL = Path(__file__).resolve().parents[1] / "data_engine" / "seed" / "engine_seed.pt"
+SEED_MODEL = Path(__file__).resolve().parents[1] / "segany_train" / "model" / "seed" / "engine_seed.pt"
 
 
 class Servers:
@@ -329,7 +329,7 @@ def test_the_engine_waits_for_each_label_studio_round_and_imports_it(servers, tm
 
 
 def test_a_labeling_page_with_its_prefilled_masks_in_headless_chromium(servers, pool, tmp_path):
-    """The labeling page of a stage 2 task, as an annotator sees it, saved as a PNG (the README links
+    """The labeling page of a stage 2 task, as an annotator sees it, saved as a PNG (docs/annotating.md links
     the copy in benchmarks/; $SEGANY_SCREENSHOT_DIR chooses where the test writes it)."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install -y chromium)")
@@ -359,7 +359,7 @@ def test_whole_task_predictions_are_stage2s_prefill_from_the_rounds_detector(ser
     Manager's "Retrieve predictions", no interactive context) with the pre-fill the engine computes."""
     from omegaconf import OmegaConf
 
-    from data_engine.prefill import BoxPrefill, train_prefill_detector
+    from segany_train.box_detection.prefill import BoxPrefill, train_prefill_detector
     from segany_train.config_paths import CONFIG_DIR
 
     sam = build_model(SEED_MODEL, None).eval()

@@ -57,7 +57,7 @@ def test_the_wheel_holds_every_module_and_every_config(venv, tmp_path):
 
 def test_the_wheel_carries_the_engines_seed_model(venv, tmp_path):
     # segany-engine starts from it by default: the installed copy must hold it and pass its hash check
-    output = _run([venv / "bin" / "python", "-m", "data_engine.seed_model", "check"], tmp_path)
+    output = _run([venv / "bin" / "python", "-m", "segany_train.model.seed_model", "check"], tmp_path)
     assert "(matches)" in output and str(venv) in output
 
 

@@ -4,12 +4,12 @@ import pytest
 
 from data_engine.automatic_step import image_quality, summarize_quality
 from data_engine.corpus import read_labelled_images
-from data_engine.seed_model import resolve_seed_checkpoint
 from data_engine.threshold_sweep import choose_thresholds, sweep_automatic
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam_from_checkpoint
+from segany_train.model.seed_model import resolve_seed_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import fcntl
 import json
 import os
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
@@ -43,13 +44,19 @@ def _sync_directory(directory: Path) -> None:
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file of its own, synced, then renamed: never half
     a file, even after a crash or beside another writer of the same path."""
+    write_atomically(path, lambda stream: stream.write(data))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(stream)` into a temporary file beside `path`, synced, then renamed to `path` (streamed:
+    a checkpoint of several GB is never held in memory a second time)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     # O_EXCL: the name is this writer's alone; mode 0o666 under the umask, as open() would create it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)

@@ -167,8 +167,8 @@ def _palette(rng: np.random.Generator, style: str) -> np.ndarray:
     at six lightness levels, like a stained microscopy slide, so boundaries are lightness and
     texture only. The two styles are the built-in "public data" and "new domain" of the engine.
     fluorescent: one hue at six bright levels for the objects over a background darkened to about a
-    tenth of them (`_render_scene`), like a fluorescence micrograph: the new domain of the README's
-    fine-tuning demonstration, which neither the seed nor the engine's pool shows.
+    tenth of them (`_render_scene`), like a fluorescence micrograph: the new domain of the fine-tuning
+    demonstration (docs/finetuning.md) and of the engine's pool, which the seed never saw.
     """
     if style == "textured":
         return rng.uniform(0, 255, (6, 3)).astype(np.float32)

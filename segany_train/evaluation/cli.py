@@ -22,6 +22,7 @@ from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import STAT_NAMES
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany_train.inference.precision import inference_autocast
 from segany_train.inference.cli_options import (
     add_generator_arguments,
     add_model_arguments,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         sam = load_model(args)
         generator = None
         if args.protocol in ("amg", "both"):  # built now so that bad settings fail before any work
-            generator = SamAutomaticMaskGenerator.from_settings(sam, generator_settings(args), output_mode="coco_rle")
+            generator = SamAutomaticMaskGenerator.from_settings(sam, generator_settings(args), output_mode="coco_rle", precision=args.precision)
         prepare_output_directory(args.out, "--out")  # eval.json is written at the end: fail now, not then
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"segany-eval: error: {error}")
@@ -158,11 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         "shards": urls,
         "protocol": args.protocol,
         "max_images": args.max_images,
+        "precision": args.precision,
     }
     progress = not args.no_progress
     if args.protocol in ("interactive", "both"):
         start = time.perf_counter()
-        result["interactive"] = evaluate_interactive(sam, urls, interactive_cfg, max_images=args.max_images, progress=progress)
+        with inference_autocast(torch.device(args.device), args.precision):
+            result["interactive"] = evaluate_interactive(sam, urls, interactive_cfg, max_images=args.max_images, progress=progress)
         result["interactive"].update(settings=asdict(interactive_cfg), seconds=round(time.perf_counter() - start, 3))
     if generator is not None:
         start = time.perf_counter()

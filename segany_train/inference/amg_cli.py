@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
         if args.shards_out:
             refuse_foreign_shards_out(args.shards_out, args.overwrite)
-        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle")
+        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle", precision=args.precision)
         # last: a value refused above leaves no directory behind
         if args.shards_out:
             prepare_output_directory(args.shards_out, "--shards-out")

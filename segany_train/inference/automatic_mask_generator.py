@@ -95,7 +95,8 @@ class SamAutomaticMaskGenerator:
     (the official order among ties comes from torch's unstable sort and depends on the platform);
     bad arguments raise ValueError. Extra, off by default: `max_mask_area_fraction` drops masks
     covering at least that fraction of the image (the paper uses 0.95); `paper_stage3` builds a
-    generator with the paper's stage-3 settings (`PAPER_STAGE3`).
+    generator with the paper's stage-3 settings (`PAPER_STAGE3`); `precision="bf16"` runs the model
+    under bfloat16 autocast (`precision.py`).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class SamAutomaticMaskGenerator:
         output_mode: str = "binary_mask",
         *,
         max_mask_area_fraction: float | None = _DEFAULT.max_mask_area_fraction,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, Sam):
             raise TypeError(f"model must be a segany_train Sam, got {type(model).__name__}")
@@ -155,7 +157,7 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"min_mask_region_area must be >= 0, got {min_mask_region_area}")
         if max_mask_area_fraction is not None and not 0 < max_mask_area_fraction <= 1:
             raise ValueError(f"max_mask_area_fraction must be in (0, 1] or None, got {max_mask_area_fraction}")
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, precision=precision)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -170,9 +172,11 @@ class SamAutomaticMaskGenerator:
         self.max_mask_area_fraction = max_mask_area_fraction
 
     @classmethod
-    def from_settings(cls, model: Sam, settings: GeneratorSettings, *, output_mode: str = "binary_mask") -> "SamAutomaticMaskGenerator":
+    def from_settings(
+        cls, model: Sam, settings: GeneratorSettings, *, output_mode: str = "binary_mask", precision: str = "fp32"
+    ) -> "SamAutomaticMaskGenerator":
         """A generator with `settings` (see `segany_train.amg.generator_settings`)."""
-        return cls(model, output_mode=output_mode, **settings.as_kwargs())
+        return cls(model, output_mode=output_mode, precision=precision, **settings.as_kwargs())
 
     @classmethod
     def paper_stage3(cls, model: Sam, **overrides: Any) -> "SamAutomaticMaskGenerator":
@@ -245,9 +249,10 @@ class SamAutomaticMaskGenerator:
         crop_size = (y1 - y0, x1 - x0)
         self.predictor.set_image(image[y0:y1, x0:x1, :])
         sam = self.model
-        shared_keys = sam.mask_decoder.prepare_shared_keys(
-            self.predictor.features, sam.prompt_encoder.get_dense_pe(), sam.prompt_encoder.no_mask_dense(1)[:, :, :1, :1]
-        )
+        with self.predictor.autocast():
+            shared_keys = sam.mask_decoder.prepare_shared_keys(
+                self.predictor.features, sam.prompt_encoder.get_dense_pe(), sam.prompt_encoder.no_mask_dense(1)[:, :, :1, :1]
+            )
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]  # (x, y) pixels of the crop
         parts = [_Candidates.empty()]
         for start in range(0, len(points), self.points_per_batch):
@@ -278,14 +283,16 @@ class SamAutomaticMaskGenerator:
         b = coords.shape[0]
         point_coords = torch.stack([coords, torch.zeros_like(coords)], dim=1)  # + the "not a point" token
         point_labels = torch.tensor([FOREGROUND, NOT_A_POINT], device=device).expand(b, 2)
-        low_res, iou = sam.decode(
-            self.predictor.features,
-            image_index=None,
-            point_coords=point_coords,
-            point_labels=point_labels,
-            multimask_output=True,
-            shared_keys=shared_keys,
-        )
+        with self.predictor.autocast():
+            low_res, iou = sam.decode(
+                self.predictor.features,
+                image_index=None,
+                point_coords=point_coords,
+                point_labels=point_labels,
+                multimask_output=True,
+                shared_keys=shared_keys,
+            )
+        low_res, iou = low_res.float(), iou.float()  # thresholds and upsampling in float32
         per_point = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
         candidates = torch.arange(low_res.shape[0], device=device)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from segany_train.inference.cpu_allocator import retain_freed_memory
+from segany_train.inference.precision import check_precision, inference_autocast
 from segany_train.model.prompt_encoder import BACKGROUND, BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, NOT_A_POINT
 from segany_train.model.sam import Sam
 from segany_train.model.transforms import ResizeLongestSide
@@ -28,12 +29,15 @@ class SamPredictor:
     prompt; malformed prompts (wrong shapes, NaN values, unknown point labels) raise a ValueError
     that says what is wrong, and points or boxes outside the image are used as given with a
     warning; on CPU it keeps freed memory for reuse (`cpu_allocator.retain_freed_memory`).
+    Extra, keyword-only: `precision="bf16"` runs the encoder and decoder under bfloat16 autocast
+    (`precision.py`); embeddings, logits and IoU predictions still come back as float32.
     """
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, *, precision: str = "fp32") -> None:
         if sam_model.device.type == "cpu":
             retain_freed_memory()
         self.model = sam_model
+        self.precision = check_precision(precision)
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.reset_image()
 
@@ -71,7 +75,8 @@ class SamPredictor:
         self.orig_h, self.orig_w = self.original_size  # the official predictor's attributes
         self.input_h, self.input_w = self.input_size
         input_image = self.model.preprocess(transformed_image.to(self.model.pixel_mean.dtype))
-        self.features = self.model.image_encoder(input_image)
+        with self.autocast():
+            self.features = self.model.image_encoder(input_image).float()  # 1xCxhxw
         self.is_image_set = True
 
     def predict(
@@ -144,20 +149,27 @@ class SamPredictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        image_pe = self.model.prompt_encoder.get_dense_pe()
-        low_res_masks, iou_predictions = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            shared_keys=self._shared_keys(image_pe) if mask_input is None else None,
-        )
+        with self.autocast():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+            image_pe = self.model.prompt_encoder.get_dense_pe()
+            low_res_masks, iou_predictions = self.model.mask_decoder(
+                image_embeddings=self.features,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+                shared_keys=self._shared_keys(image_pe) if mask_input is None else None,
+            )
+        # upsampling and thresholding in float32: a bfloat16 logit near 0 would flip pixels
+        low_res_masks, iou_predictions = low_res_masks.float(), iou_predictions.float()
         masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou_predictions, low_res_masks
+
+    def autocast(self):
+        """The context the model runs in at this predictor's precision."""
+        return inference_autocast(self.device, self.precision)
 
     def _shared_keys(self, image_pe: torch.Tensor) -> SharedImageKeys:
         """The decoder's prompt-independent first-layer work for this image, computed once."""

@@ -11,7 +11,7 @@ version), `POST /predict` and `POST /webhook`. This server speaks it over Starle
   masks and the most confident one is shown; each next click on the same region gets one mask, with
   the previous answer's low-res logits fed back as the mask prompt (as the engine's annotator does);
 - whole-task `/predict` (no context): stage 2's pre-filled masks, when started with
-  `--prefill-detector` (the round's box detector, `data_engine/prefill.py`); otherwise no regions;
+  `--prefill-detector` (the round's box detector, `segany_train/box_detection/prefill.py`); otherwise no regions;
 - `/webhook`: annotation events are recorded (JSON lines in `--events`, the latest in memory).
 
 Image embeddings are cached per task (bounded LRU, `embedding_cache.py`), so a click costs one
@@ -80,6 +80,7 @@ class InteractiveSegmenter:
         events_path: Path | None = None,
         checkpoint: str | None = None,
         prefill: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+        precision: str = "fp32",
     ) -> None:
         if label_studio_url is not None and not label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"the Label Studio URL must start with http:// or https://, got {label_studio_url!r}")
@@ -87,7 +88,7 @@ class InteractiveSegmenter:
             raise ValueError(f"--max-points must be at least 1, got {max_points}")
         self.model = model
         self.model_version = model_version
-        self.cache = EmbeddingCache(model, capacity=cache_size)
+        self.cache = EmbeddingCache(model, capacity=cache_size, precision=precision)
         self.label_studio_url = label_studio_url
         self.label_studio_api_key = label_studio_api_key
         self.images = images or TaskImageSource()
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             max_points=args.max_points,
             events_path=args.events,
             prefill=prefill,
+            precision=args.precision,
         )
         app = build_app(segmenter, auth_token=auth_token, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     except (FileNotFoundError, ValueError) as error:
@@ -348,7 +350,7 @@ def _prefill(detector: Path, model: Sam):
     """Stage 2's pre-fill with the engine's shipped settings (conf/engine/cycle.yaml, stage2.prefill)."""
     from omegaconf import OmegaConf
 
-    from data_engine.prefill import BoxPrefill
+    from segany_train.box_detection.prefill import BoxPrefill
     from segany_train.config_paths import CONFIG_DIR
     from segany_train.inference.predictor import SamPredictor
 

@@ -27,10 +27,11 @@ class CachedImage:
 class EmbeddingCache:
     """At most `capacity` images' embeddings, least recently used dropped first."""
 
-    def __init__(self, model: Sam, *, capacity: int) -> None:
+    def __init__(self, model: Sam, *, capacity: int, precision: str = "fp32") -> None:
         if capacity < 1:
             raise ValueError(f"the embedding cache needs a capacity >= 1, got {capacity}")
         self.model = model
+        self.precision = precision
         self.capacity = capacity
         self._images: OrderedDict[Hashable, CachedImage] = OrderedDict()
 
@@ -50,7 +51,7 @@ class EmbeddingCache:
             return cached
         if pixels is None:
             return None
-        predictor = SamPredictor(self.model)
+        predictor = SamPredictor(self.model, precision=self.precision)
         predictor.set_image(pixels)
         cached = self._images[key] = CachedImage(predictor)
         while len(self._images) > self.capacity:

@@ -93,3 +93,31 @@ def test_predictor_on_cuda_matches_cpu(tiny_sam):
     for cpu, cuda in zip(outputs["cpu"], outputs["cuda"]):
         for a, b in zip(cpu, cuda):
             np.testing.assert_allclose(b, a, atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_inference_on_cuda(tmp_path):
+    """precision="bf16" on CUDA: the predictor's outputs are float32 and close to fp32's on the shipped
+    seed; the generator and segany-eval --precision bf16 run there."""
+    from segany_train.model.seed_model import BUILTIN, resolve_seed_checkpoint
+    from segany_train.data.synthetic import generate_image
+    from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
+    from segany_train.inference.cli_options import build_model
+
+    seed = build_model(resolve_seed_checkpoint(BUILTIN), None).to(CUDA).eval()
+    image, masks = generate_image(0, seed=3, size=256, min_objects=2, max_objects=4, min_radius=0.1, max_radius=0.35)
+    fp32, bf16 = SamPredictor(seed), SamPredictor(seed, precision="bf16")
+    fp32.set_image(image)
+    bf16.set_image(image)
+    for gt in masks:
+        ys, xs = np.nonzero(gt)
+        click = dict(point_coords=np.array([[xs.mean(), ys.mean()]]), point_labels=np.array([1]))
+        (m32, s32, _), (m16, s16, low16) = fp32.predict(**click), bf16.predict(**click)
+        assert low16.dtype == np.float32 and np.abs(s32 - s16).max() < 0.03
+        assert (m32 & m16).sum() / max(1, (m32 | m16).sum()) > 0.95
+    records = SamAutomaticMaskGenerator(seed, points_per_side=8, pred_iou_thresh=0.5, precision="bf16").generate(image)
+    assert all(isinstance(r["predicted_iou"], float) for r in records)
+    corpus = tmp_path / "corpus"
+    write_synthetic_corpus(corpus, num_images=2, size=64, images_per_shard=2, min_objects=2, max_objects=3, progress=False)
+    eval_cli.main(["--model-type", "vit_t_256_small_decoder", "--device", "cuda", "--precision", "bf16", "--no-progress",
+                   "--shards", str(corpus / "*.tar"), "--protocol", "interactive", "--max-clicks", "2", "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["precision"] == "bf16"

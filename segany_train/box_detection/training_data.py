@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine.box_detection.embedding_spool import EmbeddingSpool
-from data_engine.box_detection.image_embeddings import ENCODE_BATCH, check_image, encode_images
+from segany_train.box_detection.embedding_spool import EmbeddingSpool
+from segany_train.box_detection.image_embeddings import ENCODE_BATCH, check_image, encode_images
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.sa1b import BadSample

@@ -20,4 +20,6 @@ size) unless a name says otherwise; SA-1B's `bbox` is XYWH in original image pix
     training.py          fitting a head, and training one from images
     detection.py         embeddings -> boxes and scores
     head_file.py         saving and loading a trained head
+    prefill.py           detected boxes as SAM prompts -> the confident masks to pre-fill (the engine's
+                         stage 2 and segany-serve --prefill-detector)
 """

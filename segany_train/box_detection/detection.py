@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from data_engine.box_detection.box_head import BoxHead
-from data_engine.box_detection.box_targets import decode_boxes
 from segany_train.amg.mask_ops import box_nms
+from segany_train.box_detection.box_head import BoxHead
+from segany_train.box_detection.box_targets import decode_boxes
 
 
 def _input_sizes(input_size: Sequence[Any], count: int) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from data_engine.box_detection.box_head import BoxHead, BoxHeadConfig
+from segany_train.box_detection.box_head import BoxHead, BoxHeadConfig
 
 SAVE_FORMAT = "segany-box-head-v1"
 

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine.box_detection.detection import detect_boxes
-from data_engine.box_detection.head_file import load_box_head, save_box_head
-from data_engine.box_detection.training import train_box_detector
 from segany_train.amg.mask_ops import box_nms, masks_to_boxes, stability_score
+from segany_train.box_detection.detection import detect_boxes
+from segany_train.box_detection.head_file import load_box_head, save_box_head
+from segany_train.box_detection.training import train_box_detector
 from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam
 

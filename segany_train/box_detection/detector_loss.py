@@ -4,8 +4,8 @@ L1 on the box parameters and GIoU on the boxes, both weighted by the regression 
 import torch
 from torch.nn import functional as F
 
-from data_engine.box_detection.box_head import BoxHead
-from data_engine.box_detection.box_targets import params_to_boxes
+from segany_train.box_detection.box_head import BoxHead
+from segany_train.box_detection.box_targets import params_to_boxes
 
 
 def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

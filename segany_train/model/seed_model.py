@@ -1,12 +1,13 @@
-"""The engine's shipped seed model: weights only, checked by SHA-256 before they are used.
+"""The shipped seed model (the data engine's first model, segany-finetune's default start): weights only,
+checked by SHA-256 before they are used.
 
 SAM's data engine started from a model trained on public segmentation data. The miniature ships the
-same thing: `data_engine/seed/engine_seed.pt`, a SAM state dict in fp16 (no pickled objects, so it
+same thing: `segany_train/model/seed/engine_seed.pt`, a SAM state dict in fp16 (no pickled objects, so it
 loads with `weights_only=True`), trained by `segany-train experiment=engine_seed` on a synthetic
 corpus in another style than the engine's pool. `export` writes such a file from a training
 checkpoint and prints its hash:
 
-    python -m data_engine.seed_model export outputs/engine_seed/checkpoints/last.ckpt
+    python -m segany_train.model.seed_model export outputs/engine_seed/checkpoints/last.ckpt
 """
 
 import argparse

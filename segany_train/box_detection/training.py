@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data_engine.box_detection.box_head import BoxHead, BoxHeadConfig
-from data_engine.box_detection.box_targets import encode_targets
-from data_engine.box_detection.detector_loss import detector_loss
-from data_engine.box_detection.training_data import encode_training_data
+from segany_train.box_detection.box_head import BoxHead, BoxHeadConfig
+from segany_train.box_detection.box_targets import encode_targets
+from segany_train.box_detection.detector_loss import detector_loss
+from segany_train.box_detection.training_data import encode_training_data
 from segany_train.model import Sam
 from segany_train.training.optim import OptimConfig, lr_factor
 
