@@ -221,8 +221,9 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
         raise FinetuneConfigError(f"data.folder {cfg.data.folder}: no usable image ({conversion.summary()})")
     if not all(usable.values()):  # nothing to train on, or nothing held out to score before and after
         raise FinetuneConfigError(
-            f"data.folder {cfg.data.folder}: too few images: {sum(usable.values())} usable ({conversion.summary()}); "
-            f"fine-tuning needs at least 2, one to train on and one held out (data.val_fraction={cfg.data.val_fraction} of them, at least one)"
+            f"data.folder {cfg.data.folder}: too few images: {sum(usable.values())} usable, {usable['train']} to train on and "
+            f"{usable['val']} held out ({conversion.summary()}); fine-tuning needs at least one of each, so at least 2 usable "
+            f"images and data.val_fraction above 0 (it is {cfg.data.val_fraction})"
         )
     val_shards = expand_shard_patterns([str(cfg.data.val_shards)])
     evaluation = {"max_images": cfg.finetune.eval_max_images, "batch_size": int(cfg.finetune.eval_batch_size), "seed": int(cfg.seed)}
