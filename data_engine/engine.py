@@ -48,6 +48,7 @@ from segany_train.inference.predictor import SamPredictor
 from segany_train.inference.precision import check_precision
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.model.seed_model import resolve_seed_checkpoint
+from segany_train.os_errors import describe_os_error
 
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
@@ -394,6 +395,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_AWAITING_ANNOTATION)
     except DirectoryLocked as locked:  # another segany-engine runs in this run directory
         sys.exit(f"segany-engine: error: {locked}")
+    except OSError as error:  # a full disk
+        sys.exit(f"segany-engine: error: {describe_os_error(error, rerun='the engine resumes in the step that failed')}")
     print(report.read_text())
     print(f"\nreport: {report}")
 

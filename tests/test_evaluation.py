@@ -22,6 +22,7 @@ from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGene
 from segany_train.model import build_sam, build_sam_by_name
 from segany_train.prompting.rollout import run_rollout
 from tests.conftest import TINY, randomized
+from tests.full_disk import FullDirectory
 
 # ---------------------------------------------------------------- click placement vs brute force
 
@@ -356,6 +357,20 @@ def test_segany_eval_one_line_errors(eval_shards, tmp_path, capsys, argv, messag
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv + ["--out", str(tmp_path)])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_segany_eval_on_a_full_disk_says_so_in_one_line_and_leaves_no_half_report(eval_shards, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text('{"earlier": "report"}\n')
+    FullDirectory(out, room=100, monkeypatch=monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "sa_*.tar"), "--protocol", "interactive",
+                  "--max-clicks", "1", "--out", str(out), "--no-progress"])  # fmt: skip
+    monkeypatch.undo()
+    message = str(exit_info.value.code)
+    assert message.startswith(f"segany-eval: error: disk full writing {out / 'eval.json'} ") and "\n" not in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"] and json.loads((out / "eval.json").read_text()) == {"earlier": "report"}
 
 
 @pytest.mark.parametrize("protocol", ["interactive", "amg"])

@@ -11,6 +11,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,6 +19,7 @@ import webdataset as wds
 
 from segany_train.data.directory_lock import directory_mutex
 from segany_train.data.sa1b import SHARD_SUFFIX, encode_sample
+from segany_train.os_errors import naming_the_file
 
 MANIFEST_NAME = "manifest.json"
 
@@ -58,8 +60,10 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise naming_the_file(error, path) from None
         raise
 
 
@@ -153,11 +157,14 @@ class SA1BShardWriter:
     def _finish(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
-        self._stream.flush()
-        os.fsync(self._stream.fileno())  # the data on disk before the name says the shard is complete
-        self._stream.close()
         final = self.directory / self._shard_name()
+        try:
+            self._tar.close()
+            self._stream.flush()
+            os.fsync(self._stream.fileno())  # the data on disk before the name says the shard is complete
+            self._stream.close()
+        except OSError as error:  # a full disk: say which shard
+            raise naming_the_file(error, final) from None
         os.replace(self._tmp, final)
         _sync_directory(self.directory)
         if self.record_manifest:
@@ -171,7 +178,10 @@ class SA1BShardWriter:
         sample = encode_sample(key, jpeg, record)
         if self._tar is None:
             self._open()
-        self._tar.write(sample)
+        try:
+            self._tar.write(sample)
+        except OSError as error:  # a full disk: say which shard
+            raise naming_the_file(error, self.directory / self._shard_name()) from None
         self._count += 1
         self._masks += len(record["annotations"])
         if self._count >= self.max_samples:
@@ -185,8 +195,10 @@ class SA1BShardWriter:
     def abandon(self) -> None:
         """Drops the shard being written (on an error), leaving completed shards as they are."""
         if self._tar is not None:
-            self._tar.close()
-            self._stream.close()
+            with suppress(OSError):  # on a full disk closing fails too (buffered bytes); the file goes all the same
+                self._tar.close()
+            with suppress(OSError):
+                self._stream.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.data.shard_writer import write_bytes_atomically
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, check_max_dets
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
@@ -30,6 +31,7 @@ from segany_train.inference.cli_options import (
     load_model,
     prepare_output_directory,
 )
+from segany_train.os_errors import describe_os_error
 
 PROTOCOLS = ("interactive", "amg", "both")
 
@@ -185,9 +187,12 @@ def main(argv: list[str] | None = None) -> None:
                 generator, urls, max_images=args.max_images, progress=progress, max_dets=tuple(args.max_dets)
             )
         result["amg"].update(generator=generator_settings(args).as_kwargs(), seconds=round(time.perf_counter() - start, 3))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "eval.md").write_text(render_markdown(result))
+    try:  # whole files or none: a full disk fails here, after the work, in one line
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(args.out / "eval.json", (json.dumps(result, indent=1) + "\n").encode())
+        write_bytes_atomically(args.out / "eval.md", render_markdown(result).encode())
+    except OSError as error:
+        sys.exit(f"segany-eval: error: {describe_os_error(error, rerun='segany-eval evaluates again')}")
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}")
     for protocol in ("interactive", "amg"):  # figures over no image are not a result: say so, exit 1
         part = result.get(protocol)
