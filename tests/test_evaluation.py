@@ -344,6 +344,21 @@ def test_segany_eval_interactive_end_to_end(eval_shards, tmp_path):
     assert "IoU in the 64x64 low-res frame (not the image's resolution)" in (out / "eval.md").read_text()
 
 
+def test_segany_eval_without_bars_says_how_far_it_is_every_n_images(eval_shards, tmp_path, capsys):
+    cli.main(
+        ["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "*.tar"), "--protocol", "both", "--max-clicks", "1",
+         "--batch-size", "1", "--points-per-side", "2", "--out", str(tmp_path / "out"), "--no-progress", "--report-every", "2"]
+    )  # fmt: skip
+    lines = [line.split(",")[0] for line in capsys.readouterr().err.splitlines() if line.startswith(("interactive:", "automatic masks:"))]
+    assert lines == ["interactive: 2 images", "interactive: 4 images", "interactive: 4 images (done)",
+                     "automatic masks: 2 images", "automatic masks: 4 images", "automatic masks: 4 images (done)"]  # fmt: skip
+    cli.main(
+        ["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "*.tar"), "--protocol", "interactive", "--max-clicks", "1",
+         "--max-images", "1", "--out", str(tmp_path / "out"), "--no-progress", "--report-every", "0"]
+    )  # fmt: skip
+    assert "interactive:" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

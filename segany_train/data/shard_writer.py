@@ -8,6 +8,7 @@ unique per writer, and manifest updates (read, modify, write) hold a lock.
 
 import fcntl
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -67,9 +68,23 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         raise
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` (dicts, lists and tuples, recursively) with every float that is not finite as None.
+    JSON has no NaN or infinity: Python's json writes them as bare `NaN`/`Infinity`, which other
+    readers (jq, JavaScript, strict parsers) refuse. Unknown figures (a real tool's clicks, a precision
+    of no pre-filled mask) are NaN in memory and null in files."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def write_json_atomically(path: Path, value: Any) -> None:
-    """`value` as indented JSON, written as `write_bytes_atomically` does."""
-    write_bytes_atomically(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
+    """`value` as indented, valid JSON (`finite_or_null`), written as `write_bytes_atomically` does."""
+    write_bytes_atomically(path, json.dumps(finite_or_null(value), indent=1, sort_keys=True, allow_nan=False).encode("utf-8"))
 
 
 def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:
