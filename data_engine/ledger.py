@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segany_train.data.shard_writer import write_bytes_atomically, write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
 
 MANIFEST = "engine.json"
 # settings that change how a run is shown, not what it computes: resuming with another value is fine

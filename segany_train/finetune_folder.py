@@ -35,7 +35,7 @@ from segany_train.data.folder_conversion import FolderConversionReport, FolderSo
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import expand_shard_patterns, read_records
 from segany_train.data.rle import pycocotools_rle
-from segany_train.data.shard_writer import write_json_atomically
+from segany_train.atomic_files import write_json_atomically
 from segany_train.inference.overlay_panels import Panel, render_panels
 from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam, build_sam_from_checkpoint

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.shard_writer import write_bytes_atomically
+from segany_train.atomic_files import write_bytes_atomically
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, check_max_dets
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive

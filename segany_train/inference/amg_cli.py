@@ -37,7 +37,8 @@ from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import BadSample, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_bytes_atomically, write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.inference.cli_options import (
     add_generator_arguments,
@@ -236,8 +237,11 @@ def refuse_foreign_shards_out(shards_out: Path, overwrite: bool) -> None:
         raise ValueError(f"--shards-out {shards_out} holds files segany-amg did not write ({len(foreign)}: {shown}); its shards would be replaced or removed. Use an empty directory, or pass --overwrite to replace them")
 
 
-def generate_all(args: argparse.Namespace, items: Iterable[InputImage], total: int | None, generator: SamAutomaticMaskGenerator) -> Counter:
-    """Runs the generator over the inputs, writing --out (and --shards-out); returns the outcome counts."""
+def generate_all(
+    args: argparse.Namespace, items: Iterable[InputImage], total: int | None, generator: SamAutomaticMaskGenerator
+) -> tuple[Counter, list[int]]:
+    """Runs the generator over the inputs, writing --out (and --shards-out); returns the outcome
+    counts and the number of masks of each image done now."""
     counts: Counter = Counter()
     masks_per_image: list[int] = []  # of the images done now
     SkipLog.take()  # forget skips of earlier readers in this process
@@ -273,7 +277,7 @@ def generate_all(args: argparse.Namespace, items: Iterable[InputImage], total: i
     if writer:  # a shorter rerun: the shards of the longer one are not this run's output
         keep_only_shards(args.shards_out, writer.written)
     counts["unreadable"] += sum(SkipLog.take().values())  # samples the shard reader could not parse
-    return counts
+    return counts, masks_per_image
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # a missing input; a full disk (the settings file)
         sys.exit(f"segany-amg: error: {describe_os_error(error, rerun='nothing was done yet')}")
     try:
-        counts = generate_all(args, items, total, generator)
+        counts, masks_per_image = generate_all(args, items, total, generator)
     except OSError as error:  # a full disk: finished images are kept, the shard being written is dropped
         sys.exit(f"segany-amg: error: {describe_os_error(error, rerun='images already done are not done again')}")
     summary = ", ".join(f"{counts[k]} {k}" for k in ("done now", "done before", "unreadable"))
