@@ -32,7 +32,8 @@ from data_engine.automatic_step import completed_shard, generate_one_shard, summ
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.shard_writer import write_json_atomically, write_manifest
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import write_manifest
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam_from_checkpoint
 from segany_train.os_errors import describe_os_error

@@ -114,6 +114,8 @@ def test_segany_amg_on_a_folder(image_folder, tmp_path, capsys):
     amg_cli.main(argv)
     captured = capsys.readouterr()
     assert "2 images: 1 done now, 0 done before, 1 unreadable" in captured.out
+    masks = len(json.loads((out / "scene.json").read_text())["annotations"])
+    assert f"; {masks} masks, {masks:.1f} per image (fewest {masks}, most {masks}); outputs in" in captured.out
     assert "broken.jpg" in captured.err and "warning" in captured.err
     assert sorted(p.name for p in out.iterdir()) == [".segany-amg-settings", "scene.json", "scene.png"]
 
@@ -167,6 +169,16 @@ def test_segany_amg_on_a_file_and_on_shards(tmp_path, capsys):
     amg_cli.main([str(single), "--out", str(out), *MODEL, *LOW_THRESHOLDS])
     assert "1 images: 1 done now" in _summary(capsys)
     assert (out / "one.json").exists() and (out / "one.png").exists()
+
+
+def test_segany_amg_says_when_an_image_gets_no_mask_and_which_thresholds_to_lower(image_folder, tmp_path, capsys):
+    # the official thresholds (0.88 / 0.95) keep nothing of a random model's masks
+    amg_cli.main([str(image_folder / "scene.png"), "--out", str(tmp_path / "out"), *MODEL, "--points-per-side", "4"])
+    captured = capsys.readouterr()
+    assert "1 images: 1 done now, 0 done before, 0 unreadable; 0 masks, 0.0 per image (fewest 0, most 0)" in captured.out
+    warning = next(line for line in captured.err.splitlines() if "no mask kept for" in line)
+    assert "scene.png" in warning and "--pred-iou-thresh 0.88" in warning and "--stability-score-thresh 0.95" in warning
+    assert "1 of 1 images got no mask" in captured.err
 
 
 @pytest.mark.parametrize(

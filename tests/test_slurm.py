@@ -112,7 +112,7 @@ def test_every_script_parses():
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
     train = (SLURM / "train.sbatch").read_text()
-    assert "#SBATCH --signal=SIGUSR1@90" in train and "#SBATCH --ntasks-per-node=" in train and "srun " in train
+    assert "#SBATCH --signal=SIGUSR1@300" in train and "#SBATCH --ntasks-per-node=" in train and "srun " in train
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -170,7 +170,7 @@ def test_sigusr1_saves_an_hpc_checkpoint_that_the_requeued_job_resumes(slurm_bin
     try:
         _wait_for(lambda: last.exists() and (run_dir / "wandb_id").exists(), first, 180, "a first checkpoint")
         (task,) = _srun_pids(env)
-        os.kill(task, signal.SIGUSR1)  # what --signal=SIGUSR1@90 sends each task before the time limit
+        os.kill(task, signal.SIGUSR1)  # what --signal=SIGUSR1@300 sends each task before the time limit
         first.wait(timeout=120)  # Lightning saves, calls `scontrol requeue`, and the job is ended
     finally:
         if first.poll() is None:

@@ -10,14 +10,14 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import webdataset as wds
 
 from segany_train.data.directory_lock import directory_mutex
+from segany_train.atomic_files import write_json_atomically
 from segany_train.data.sa1b import SHARD_SUFFIX, encode_sample
 from segany_train.os_errors import naming_the_file
 
@@ -39,37 +39,6 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file of its own, synced, then renamed: never half
-    a file, even after a crash or beside another writer of the same path."""
-    write_atomically(path, lambda stream: stream.write(data))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write(stream)` into a temporary file beside `path`, synced, then renamed to `path` (streamed:
-    a checkpoint of several GB is never held in memory a second time)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: the name is this writer's alone; mode 0o666 under the umask, as open() would create it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise naming_the_file(error, path) from None
-        raise
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    """`value` as indented JSON, written as `write_bytes_atomically` does."""
-    write_bytes_atomically(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from segany_train.data.directory_lock import lock_directory
 from segany_train.data.sa1b import SHARD_SUFFIX, annotation_from_rle, make_record, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 from segany_train.os_errors import describe_os_error
 
 MIN_VISIBLE_AREA = 20  # pixels; smaller visible masks are dropped

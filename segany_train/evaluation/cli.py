@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.shard_writer import write_bytes_atomically
+from segany_train.atomic_files import write_bytes_atomically
 from segany_train.evaluation.automatic import evaluate_automatic_masks
-from segany_train.evaluation.coco_ap import STAT_NAMES
+from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, check_max_dets
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.precision import inference_autocast
@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="directory for eval.json and eval.md")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="both")
     parser.add_argument("--max-images", type=int, help="evaluate at most this many images (per protocol)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (a line every --report-every images instead)")
+    parser.add_argument(
+        "--report-every", type=int, default=25, metavar="N", help="with --no-progress: a line on stderr every N images (0: none; default 25)"
+    )
     add_model_arguments(parser)
     group = parser.add_argument_group("interactive protocol")
     default = InteractiveEvalConfig()
@@ -64,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--batch-size", type=int, default=default.batch_size, help="images per encoder batch")
     group.add_argument("--num-workers", type=int, default=default.num_workers, help="data loader worker processes")
+    amg = parser.add_argument_group("automatic masks")
+    amg.add_argument(
+        "--max-dets",
+        type=int,
+        nargs=3,
+        default=list(DEFAULT_MAX_DETS),
+        metavar=("K1", "K2", "K3"),
+        help="COCOeval's detections per image, ascending: AP counts the K3 best-scored masks of each image "
+        f"(default: {' '.join(map(str, DEFAULT_MAX_DETS))}; COCO's own 1 10 100 caps SA-1B-like images)",
+    )
     add_generator_arguments(parser)
     return parser
 
@@ -113,16 +126,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         ]
     amg = result.get("amg")
     if amg is not None:
+        names = list(amg["stats"])
         lines += [
             "## Automatic masks (COCO segm, class-agnostic)",
             "",
-            "| " + " | ".join(STAT_NAMES) + " |",
-            "|" + "---:|" * len(STAT_NAMES),
-            "| " + " | ".join(_fmt(amg["stats"][name], 3) for name in STAT_NAMES) + " |",
+            "| " + " | ".join(names) + " |",
+            "|" + "---:|" * len(names),
+            "| " + " | ".join(_fmt(amg["stats"][name], 3) for name in names) + " |",
             "",
             f"Images evaluated: {amg['images']} (skipped: {_skips(amg['images_skipped'])}); GT masks: "
             f"{amg['gt_masks']}, predicted masks: {amg['predicted_masks']}. Score = predicted IoU; -1 = no GT "
-            "mask in that size range.",
+            f"mask in that size range; at most {amg['max_dets'][-1]} masks per image counted (COCOeval maxDets "
+            f"{amg['max_dets']}).",
             "",
             "Generator: " + ", ".join(f"{k}={'off' if v is None else format(v, 'g')}" for k, v in amg["generator"].items()),
             "",
@@ -133,8 +148,11 @@ def render_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if args.report_every < 0:
+            raise ValueError(f"--report-every must be at least 0, got {args.report_every}")
         if args.max_images is not None and args.max_images < 0:
             raise ValueError(f"--max-images must be at least 0, got {args.max_images}")
+        check_max_dets(args.max_dets)
         urls = expand_shard_patterns(args.shards)
         interactive_cfg = InteractiveEvalConfig(
             max_clicks=args.max_clicks,
@@ -162,15 +180,25 @@ def main(argv: list[str] | None = None) -> None:
         "precision": args.precision,
     }
     progress = not args.no_progress
+    report_every = args.report_every if args.no_progress else 0  # the bars say it otherwise
     if args.protocol in ("interactive", "both"):
         start = time.perf_counter()
         with inference_autocast(torch.device(args.device), args.precision):
-            result["interactive"] = evaluate_interactive(sam, urls, interactive_cfg, max_images=args.max_images, progress=progress)
+            result["interactive"] = evaluate_interactive(
+                sam, urls, interactive_cfg, max_images=args.max_images, progress=progress, report_every=report_every
+            )
         result["interactive"].update(settings=asdict(interactive_cfg), seconds=round(time.perf_counter() - start, 3))
     if generator is not None:
         start = time.perf_counter()
         with torch.inference_mode():
-            result["amg"] = evaluate_automatic_masks(generator, urls, max_images=args.max_images, progress=progress)
+            result["amg"] = evaluate_automatic_masks(
+                generator,
+                urls,
+                max_images=args.max_images,
+                progress=progress,
+                max_dets=tuple(args.max_dets),
+                report_every=report_every,
+            )
         result["amg"].update(generator=generator_settings(args).as_kwargs(), seconds=round(time.perf_counter() - start, 3))
     try:  # whole files or none: a full disk fails here, after the work, in one line
         args.out.mkdir(parents=True, exist_ok=True)

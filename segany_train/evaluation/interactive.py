@@ -26,9 +26,9 @@ from tqdm import tqdm
 from segany_train.data.mask_iou import dense_mask_iou
 from segany_train.data.pipeline import SkipLog, collate_sam_samples, sam_sample_pipeline
 from segany_train.data.rle import decode_rles_at
-from segany_train.data.sam_sample import SamSampleConfig
+from segany_train.data.sam_sample import SamSampleConfig, valid_region
+from segany_train.evaluation.periodic_report import PeriodicReport
 from segany_train.model import Sam
-from segany_train.model.transforms import ResizeLongestSide
 from segany_train.prompting.rollout import RolloutConfig, interactive_ious
 
 REPORT_CLICKS = (1, 2, 3, 5, 9)
@@ -66,16 +66,6 @@ class InteractiveEvalConfig:
             click_mode="center",
             mask_feedback=self.mask_feedback,
         )
-
-
-def valid_regions(original_size: torch.Tensor, mask_size: int) -> torch.Tensor:
-    """Bx2 (H, W) original sizes -> Bxmask_sizexmask_size bool: where the image lies in the padded
-    low-res frame (top-left, resized like the GT masks; the rest is padding)."""
-    out = torch.zeros(original_size.shape[0], mask_size, mask_size, dtype=torch.bool)
-    for i, (h, w) in enumerate(original_size.tolist()):
-        rows, cols = ResizeLongestSide.get_preprocess_shape(h, w, mask_size)
-        out[i, :rows, :cols] = True
-    return out
 
 
 class FullResolutionIoU:
@@ -168,8 +158,8 @@ def summarize_interactive(
 def _first_images(batch: dict, count: int) -> dict:
     """The batch cut to its first `count` images (and their masks)."""
     keep = batch["image_index"] < count
-    cut = {k: batch[k][:count] for k in ("image", "input_size", "original_size", "num_annotations")}
-    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"])
+    cut = {k: batch[k][:count] for k in ("image", "input_size", "valid_size", "original_size", "num_annotations")}
+    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"], masks_per_image=batch["masks_per_image"][:count])
     cut.update({k: batch[k][keep] for k in ("masks", "image_index")})
     if "segmentations" in batch:
         cut["segmentations"] = [rle for rle, k in zip(batch["segmentations"], keep.tolist()) if k]
@@ -185,6 +175,7 @@ def evaluate_interactive(
     max_images: int | None = None,
     progress: bool = True,
     per_mask: bool = False,
+    report_every: int = 0,
 ) -> dict:
     """Runs the protocol over every sample of the shards, each read once (in order when num_workers is 0).
 
@@ -192,7 +183,8 @@ def evaluate_interactive(
     undecodable samples, corrupt shard members, images with no usable mask), masks_in_images (GT
     masks of the evaluated images), masks_skipped (of those, not evaluated: over max_area_fraction,
     empty, invisible at the low-res size or beyond max_masks_per_image), the IoU resolution and the
-    low-res frame size.
+    low-res frame size. `report_every`: a line on stderr every that many images (`PeriodicReport`;
+    0: none), for runs without the progress bar.
     """
     sam = sam.eval()
     device = next(sam.parameters()).device
@@ -217,6 +209,7 @@ def evaluate_interactive(
     shown, oracle, predicted_1, mask_image = [], [], [], []
     images = masks_in_images = 0
     bar = tqdm(total=max_images, desc="interactive", unit="img", disable=not progress)
+    lines = PeriodicReport("interactive", report_every, total=max_images)
     for batch in loader if max_images is None or max_images > 0 else ():
         if max_images is not None:
             batch = _first_images(batch, max_images - images)
@@ -224,7 +217,7 @@ def evaluate_interactive(
         gt = batch["masks"].to(device)
         image_index = batch["image_index"].to(device)
         embeddings = sam.image_encoder(sam.normalize_padded(batch["image"].to(device), batch["input_size"].to(device)))
-        valid = valid_regions(batch["original_size"], mask_size).to(device)[image_index]
+        valid = valid_region(batch["valid_size"].to(device), mask_size)[image_index]
         # center clicks are deterministic; the seeded generator keeps the rollout's unused draws off the global RNG
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         measure = None
@@ -245,9 +238,11 @@ def evaluate_interactive(
         images += n_images
         masks_in_images += int(batch["num_annotations"].sum())
         bar.update(n_images)
+        lines.update(n_images)
         if max_images is not None and images >= max_images:
             break
     bar.close()
+    lines.close()
     if cfg.num_workers == 0 and (max_images is None or images < max_images):
         skipped.update(SkipLog.take())  # skips after the last delivered sample
     empty = torch.zeros(0, cfg.max_clicks)

@@ -23,8 +23,9 @@ from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.model.mae import load_mae_encoder
 from segany_train.model.sam_config import describe_size
 from segany_train.prompting.rollout import RolloutConfig
-from segany_train.training.losses import LossWeights
 from segany_train.training.checkpoint_io import AtomicCheckpointIO
+from segany_train.training.lightning_warnings import lightning_warnings_filtered
+from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
 from segany_train.training.optim import OptimConfig
 from segany_train.training.overlays import MaskOverlayCallback
@@ -165,6 +166,8 @@ def check_training_values(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps", -1)
     if not _is_integer(max_steps) or max_steps == 0 or max_steps < -1:  # -1: Lightning's "no step limit"
         raise RunConfigError(f"trainer.max_steps must be a positive integer (or -1 for no limit), got {max_steps!r}")
+    if cfg.callbacks.save_last not in (True, False, "link"):
+        raise RunConfigError(f"callbacks.save_last must be link, true or false, got {cfg.callbacks.save_last!r}")
     for key in ("batch_size", "max_masks"):
         if not _is_integer(cfg.data[key]) or cfg.data[key] < 1:
             raise RunConfigError(f"data.{key} must be an integer of at least 1, got {cfg.data[key]!r}")
@@ -235,7 +238,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     datamodule = build_datamodule(cfg, sam)
     callbacks = [] if fast else [
-        ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True)
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
+            save_last=cfg.callbacks.save_last,
+        )
     ]
     if cfg.logger.log_images_every_n_steps and not fast:
         callbacks.append(MaskOverlayCallback(cfg.logger.log_images_every_n_steps, run_dir / "overlays"))
@@ -243,13 +250,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy or plugin may be a _target_ object
     plugins = trainer_cfg.pop("plugins", None) or []
-    trainer = L.Trainer(
-        **trainer_cfg,
-        plugins=[*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()],  # no half-written checkpoint
-        default_root_dir=str(run_dir),
-        logger=False if fast else build_logger(cfg, run_dir),
-        callbacks=callbacks,
-        enable_progress_bar=bool(cfg.callbacks.progress_bar),
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with lightning_warnings_filtered():  # what does not apply to this training (lightning_warnings.py)
+        trainer = L.Trainer(
+            **trainer_cfg,
+            plugins=[*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()],  # no half-written checkpoint
+            default_root_dir=str(run_dir),
+            logger=False if fast else build_logger(cfg, run_dir),
+            callbacks=callbacks,
+            enable_progress_bar=bool(cfg.callbacks.progress_bar),
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
