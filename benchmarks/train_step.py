@@ -15,7 +15,7 @@ import torch
 from segany_train.inference.cpu_allocator import retain_freed_memory
 from segany_train.model import build_sam_by_name
 from segany_train.prompting.rollout import RolloutConfig, run_rollout
-from segany_train.training.losses import LossWeights, sam_loss
+from segany_train.training.losses import LossWeights, grouped_sam_loss
 
 
 def peak_rss_gib() -> float:
@@ -45,7 +45,7 @@ def one_step(name: str, images: int, masks: int, iterations: int, clicks: int, c
     leaf = embeddings.detach().requires_grad_()
 
     def on_iteration(out):
-        sam_loss(out.logits, out.iou_pred, gt, LossWeights()).total.div(gt.shape[0]).backward()
+        grouped_sam_loss(out.groups, gt, LossWeights()).total.div(gt.shape[0]).backward()
 
     start = time.perf_counter()
     run_rollout(sam, leaf, gt, image_index, cfg, on_iteration, gen)

@@ -14,6 +14,7 @@ round waits, exiting with status 3, until the tool's result is in place.
 
 import itertools
 import logging
+import os
 import sys
 from dataclasses import replace
 from functools import partial
@@ -49,6 +50,7 @@ from segany_train.inference.predictor import SamPredictor
 from segany_train.inference.precision import check_precision
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.model.seed_model import resolve_seed_checkpoint
+from segany_train.os_errors import describe_os_error
 
 log = logging.getLogger(__name__)
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
@@ -130,7 +132,9 @@ class Engine:
         log.info(round_summary(row, seed, self.rounds))
 
     def _relative(self, path: str) -> str:
-        return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+        # abspath, not resolve: a retrain returns checkpoints/last.ckpt, a link (save_last: link) whose
+        # target's name (epoch=0-step=20.ckpt) cannot go into a Hydra override
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(self.run_dir)))
 
     def _absolute(self, path: str) -> str:
         return str(self.run_dir / path)
@@ -426,6 +430,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_AWAITING_ANNOTATION)
     except DirectoryLocked as locked:  # another segany-engine runs in this run directory
         sys.exit(f"segany-engine: error: {locked}")
+    except OSError as error:  # a full disk
+        sys.exit(f"segany-engine: error: {describe_os_error(error, rerun='the engine resumes in the step that failed')}")
     print(report.read_text())
     print(f"\nreport: {report}")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segany_train.data.shard_writer import write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
 
 MANIFEST = "engine.json"
 # settings that change how a run is shown, not what it computes: resuming with another value is fine
@@ -54,7 +54,7 @@ class RunLedger:
                 )
         else:
             self.state = {"config_digest": digest, "steps": {}, "order": []}
-            (self.run_dir / "engine_config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            write_bytes_atomically(self.run_dir / "engine_config.json", json.dumps(config, indent=1, sort_keys=True, default=str).encode())
             self._save()
 
     def _save(self) -> None:

@@ -35,7 +35,7 @@ from segany_train.data.folder_conversion import FolderConversionReport, FolderSo
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import expand_shard_patterns, read_records
 from segany_train.data.rle import pycocotools_rle
-from segany_train.data.shard_writer import write_json_atomically
+from segany_train.atomic_files import write_json_atomically
 from segany_train.inference.overlay_panels import Panel, render_panels
 from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam, build_sam_from_checkpoint
@@ -226,8 +226,15 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
         )
     except (ValueError, FileExistsError) as error:  # a folder with no image, two images of one name, ...
         raise FinetuneConfigError(f"data.folder {cfg.data.folder}: {error}") from None
-    if not any(r.images_written + r.images_resumed for r in conversion.splits.values()):
+    usable = {name: r.images_written + r.images_resumed for name, r in conversion.splits.items()}
+    if not any(usable.values()):
         raise FinetuneConfigError(f"data.folder {cfg.data.folder}: no usable image ({conversion.summary()})")
+    if not all(usable.values()):  # nothing to train on, or nothing held out to score before and after
+        raise FinetuneConfigError(
+            f"data.folder {cfg.data.folder}: too few images: {sum(usable.values())} usable, {usable['train']} to train on and "
+            f"{usable['val']} held out ({conversion.summary()}); fine-tuning needs at least one of each, so at least 2 usable "
+            f"images and data.val_fraction above 0 (it is {cfg.data.val_fraction})"
+        )
     val_shards = expand_shard_patterns([str(cfg.data.val_shards)])
     evaluation = {"max_images": cfg.finetune.eval_max_images, "batch_size": int(cfg.finetune.eval_batch_size), "seed": int(cfg.seed)}
     before = _cached_json(

@@ -276,7 +276,7 @@ def test_shards_without_a_manifest_are_counted_from_their_tar_index(tmp_path):
     assert count_samples([str(p) for p in released + listed]) == 12
 
 
-def test_released_tars_size_the_epoch_and_validation_uses_one_worker_per_shard_at_most(tmp_path):
+def test_released_tars_size_the_epoch_and_validation_workers_split_the_samples(tmp_path):
     from segany_train.data.datamodule import SA1BDataModule
 
     write_release_tars(tmp_path / "train", [4, 4])
@@ -291,5 +291,5 @@ def test_released_tars_size_the_epoch_and_validation_uses_one_worker_per_shard_a
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 4  # 8 samples: 2 per worker, one batch each
     val = dm.val_dataloader()
-    assert val.num_workers == 2  # two shards for the one rank
+    assert val.num_workers == 4  # split by sample: 4 samples, one per worker, though only 2 shards
     assert sorted(k for b in val for k in b["keys"]) == [f"sa_{i}" for i in range(100, 104)]

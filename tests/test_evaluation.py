@@ -12,15 +12,17 @@ from PIL import Image
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import read_records
 from segany_train.data.sa1b import annotation_from_mask, make_record
+from segany_train.data.sam_sample import valid_region
 from segany_train.data.shard_writer import SA1BShardWriter
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.evaluation import cli
 from segany_train.evaluation.coco_ap import STAT_NAMES, coco_mask_ap
-from segany_train.evaluation.interactive import InteractiveEvalConfig, summarize_interactive, valid_regions
+from segany_train.evaluation.interactive import InteractiveEvalConfig, summarize_interactive
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam, build_sam_by_name
 from segany_train.prompting.rollout import run_rollout
 from tests.conftest import TINY, randomized
+from tests.full_disk import FullDirectory
 
 # ---------------------------------------------------------------- click placement vs brute force
 
@@ -72,8 +74,7 @@ def test_protocol_clicks_match_brute_force():
     torch.manual_seed(0)
     sam = randomized(build_sam(TINY), seed=1).eval()
     size = sam.prompt_encoder.mask_input_size[0]  # 32
-    original = torch.tensor([[96, 128]])  # landscape: rows 24..31 of the low-res frame are padding
-    valid = valid_regions(original, size)
+    valid = valid_region(torch.tensor([[24, 32]]), size)  # landscape: rows 24..31 of the low-res frame are padding
     rows = int(valid[0].any(1).sum())
     assert rows == 24 and bool(valid[0, :rows].all()) and not bool(valid[0, rows:].any())
     gt = _hand_made_masks(size, rows)
@@ -93,7 +94,7 @@ def test_protocol_clicks_match_brute_force():
                 prev = np.zeros_like(g)
             else:
                 before = outputs[step - 1]
-                shown = before.logits[i, before.iou_pred[i].argmax()] > sam.mask_threshold
+                shown = before.shown[i] > sam.mask_threshold
                 predicted_in_padding |= bool((shown & ~valid[0]).any())
                 prev = (shown & valid[0]).numpy()
             if step > 0 and (prev == g).all():
@@ -170,7 +171,7 @@ def test_coco_ap_of_perfect_predictions_is_one():
     preds = [{"segmentation": m, "predicted_iou": s} for m, s in zip(gt, (0.9, 0.8, 0.7))]
     stats = coco_mask_ap([_record(gt)], [preds])
     assert list(stats) == list(STAT_NAMES)
-    for name in ("AP", "AP50", "AP75", "AR@10", "AR@100"):
+    for name in ("AP", "AP50", "AP75", "AR@100", "AR@1000"):
         assert stats[name] == pytest.approx(1.0)
     assert stats["AR@1"] == pytest.approx(1 / 3)  # one mask allowed, three to find
     assert stats["AP_large"] == -1.0  # no GT mask over 96^2 pixels
@@ -188,12 +189,23 @@ def test_coco_ap_half_right_known_value():
     stats = coco_mask_ap([_record([a, b])], [preds])
     assert stats["AP"] == pytest.approx(25.5 / 101)
     assert stats["AP50"] == pytest.approx(25.5 / 101) and stats["AP75"] == pytest.approx(25.5 / 101)
-    assert stats["AR@1"] == 0.0 and stats["AR@10"] == pytest.approx(0.5)
+    assert stats["AR@1"] == 0.0 and stats["AR@100"] == pytest.approx(0.5)
     # the same wrong mask ranked below A: precision 1 up to recall 1/2 -> AP = 51 / 101
     preds[0]["predicted_iou"] = 0.5
     assert coco_mask_ap([_record([a, b])], [preds])["AP"] == pytest.approx(51 / 101)
     # no prediction at all: AP 0, not an error
     assert coco_mask_ap([_record([a, b])], [[]])["AP"] == 0.0
+
+
+def test_coco_ap_counts_every_mask_of_an_image_with_more_than_100():
+    """150 GT masks, each predicted exactly: AP 1.0. COCO's own maxDets (1, 10, 100) counts only the
+    100 best-scored predictions of an image, and then scores the same perfect predictions 0.663."""
+    shape = (60, 100)
+    gt = [_box(shape, 4 * (i // 10), 10 * (i % 10), 4 * (i // 10) + 4, 10 * (i % 10) + 10) for i in range(150)]
+    preds = [{"segmentation": m, "predicted_iou": 1.0 - i / 1000} for i, m in enumerate(gt)]
+    stats = coco_mask_ap([_record(gt)], [preds])
+    assert stats["AP"] == pytest.approx(1.0) and stats["AR@1000"] == pytest.approx(1.0)
+    assert coco_mask_ap([_record(gt)], [preds], max_dets=(1, 10, 100))["AP"] < 0.7
 
 
 def brute_force_ap(gts: list[list[np.ndarray]], preds: list[list[tuple[np.ndarray, float]]], threshold: float) -> float:
@@ -362,6 +374,20 @@ def test_segany_eval_one_line_errors(eval_shards, tmp_path, capsys, argv, messag
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
 
 
+def test_segany_eval_on_a_full_disk_says_so_in_one_line_and_leaves_no_half_report(eval_shards, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text('{"earlier": "report"}\n')
+    FullDirectory(out, room=100, monkeypatch=monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "sa_*.tar"), "--protocol", "interactive",
+                  "--max-clicks", "1", "--out", str(out), "--no-progress"])  # fmt: skip
+    monkeypatch.undo()
+    message = str(exit_info.value.code)
+    assert message.startswith(f"segany-eval: error: disk full writing {out / 'eval.json'} ") and "\n" not in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"] and json.loads((out / "eval.json").read_text()) == {"earlier": "report"}
+
+
 @pytest.mark.parametrize("protocol", ["interactive", "amg"])
 def test_segany_eval_fails_when_every_image_was_skipped(eval_shards, tmp_path, protocol):
     key, jpeg, record = next(read_records([str(eval_shards / "sa_000000.tar")]))
@@ -384,7 +410,7 @@ def test_segany_eval_amg_end_to_end(eval_shards, tmp_path):
     settings = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     cli.main(
         ["--model-type", "vit_t_256_small_decoder", "--seed", "5", "--shards", str(eval_shards / "sa_*.tar"),
-         "--protocol", "amg", "--max-images", "2", "--out", str(out), "--no-progress"]
+         "--protocol", "amg", "--max-images", "2", "--out", str(out), "--no-progress", "--max-dets", "1", "10", "50"]
         + [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     )  # fmt: skip
     amg = json.loads((out / "eval.json").read_text())["amg"]
@@ -399,9 +425,10 @@ def test_segany_eval_amg_end_to_end(eval_shards, tmp_path):
     assert amg["images"] == 2 and amg["images_skipped"] == {}
     assert amg["gt_masks"] == sum(len(r["annotations"]) for r in records)
     assert amg["predicted_masks"] == sum(map(len, predictions))
-    assert amg["stats"] == pytest.approx(coco_mask_ap(records, predictions))
+    assert amg["max_dets"] == [1, 10, 50]
+    assert amg["stats"] == pytest.approx(coco_mask_ap(records, predictions, max_dets=(1, 10, 50)))
     assert amg["generator"]["points_per_side"] == 4 and amg["generator"]["box_nms_thresh"] == 0.7
-    assert "| AP | AP50 |" in (out / "eval.md").read_text()
+    assert "| AP | AP50 |" in (out / "eval.md").read_text() and "| AR@50 |" in (out / "eval.md").read_text()
 
 
 def test_segany_eval_rejects_bad_generator_settings(eval_shards, tmp_path):

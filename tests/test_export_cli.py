@@ -114,3 +114,21 @@ def test_export_refuses_unreadable_checkpoint_in_one_line(tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert "bad.ckpt is not a readable SAM checkpoint" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_to_replace_an_earlier_export_unless_told(tmp_path: Path, capsys) -> None:
+    torch.set_num_threads(1)
+    _lora_checkpoint(tmp_path / "run.ckpt")
+    export = ["--checkpoint", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "out"), "--formats", "official"]
+    main(export)
+    earlier = (tmp_path / "out" / "sam_official.pth").read_bytes()
+    (tmp_path / "other.ckpt").write_text("not a checkpoint")  # refused before the checkpoint is read
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*export[:1], str(tmp_path / "other.ckpt"), *export[2:]])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err, err
+    assert f"{tmp_path / 'out' / 'sam_official.pth'} already exist" in err and "--overwrite" in err, err
+    assert (tmp_path / "out" / "sam_official.pth").read_bytes() == earlier
+    main([*export, "--overwrite"])
+    assert "official:" in capsys.readouterr().out

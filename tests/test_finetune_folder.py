@@ -169,3 +169,13 @@ def test_a_folder_without_usable_images_is_one_error(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / "labels" / "a.png")  # empty
     with pytest.warns(UserWarning), pytest.raises(FinetuneConfigError, match="no usable image.*empty=1"):
         finetune_folder(_compose(tmp_path / "data", tmp_path / "run2"))
+
+
+def test_one_image_is_too_few_and_says_how_many_are_needed(tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "data", count=1)
+    with pytest.raises(FinetuneConfigError, match=r"too few images: 1 usable, 1 to train on and 0 held out .*at least 2 usable images"):
+        finetune_folder(_compose(folder, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    folder = _write_folder(tmp_path / "more", count=3)  # enough images, none held out
+    with pytest.raises(FinetuneConfigError, match=r"3 to train on and 0 held out .*data.val_fraction above 0 \(it is 0.0\)"):
+        finetune_folder(_compose(folder, tmp_path / "run2", "data.val_fraction=0.0"))

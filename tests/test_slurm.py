@@ -32,7 +32,9 @@ from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.model import build_sam
 from segany_train.model.checkpoint import save_official_checkpoint
+from segany_train.model.seed_model import BUILTIN_PATH
 from tests.conftest import TINY, randomized, tiny_training_overrides
+from tests.full_disk import FullDirectory
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "slurm"
@@ -110,7 +112,7 @@ def test_every_script_parses():
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
     train = (SLURM / "train.sbatch").read_text()
-    assert "#SBATCH --signal=SIGUSR1@90" in train and "#SBATCH --ntasks-per-node=" in train and "srun " in train
+    assert "#SBATCH --signal=SIGUSR1@300" in train and "#SBATCH --ntasks-per-node=" in train and "srun " in train
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -168,7 +170,7 @@ def test_sigusr1_saves_an_hpc_checkpoint_that_the_requeued_job_resumes(slurm_bin
     try:
         _wait_for(lambda: last.exists() and (run_dir / "wandb_id").exists(), first, 180, "a first checkpoint")
         (task,) = _srun_pids(env)
-        os.kill(task, signal.SIGUSR1)  # what --signal=SIGUSR1@90 sends each task before the time limit
+        os.kill(task, signal.SIGUSR1)  # what --signal=SIGUSR1@300 sends each task before the time limit
         first.wait(timeout=120)  # Lightning saves, calls `scontrol requeue`, and the job is ended
     finally:
         if first.poll() is None:
@@ -263,6 +265,21 @@ def test_a_task_that_fails_mid_shard_leaves_only_complete_outputs_and_a_rerun_fi
     _assert_each_image_once(pool, tmp_path)
     with pytest.raises(ValueError, match="outputs of 5 other input shard"):
         run_task(FailingGenerator, pool[:3], tmp_path, 0, 1, progress=False)
+
+
+def test_a_stage3_task_on_a_full_disk_says_so_in_one_line(pool, tmp_path, monkeypatch):
+    from data_engine.distributed_stage3 import main
+
+    out_dir = tmp_path / "run" / "stage3" / "generate"
+    out_dir.mkdir(parents=True)
+    FullDirectory(out_dir, room=0, monkeypatch=monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["segany-stage3", "mode=task", f"checkpoint={BUILTIN_PATH}", f"corpus.shards='{Path(pool[0]).parent}/sa_*.tar'",
+                                      f"run_dir={tmp_path / 'run'}", "task_id=0", "num_tasks=1", "progress=false"])  # fmt: skip
+    with pytest.raises(SystemExit) as failed:
+        main()
+    message = str(failed.value.code)
+    assert message.startswith(f"segany-stage3: error: disk full writing {out_dir / 'inputs.json'} ") and "\n" not in message, message
+    assert not list(out_dir.iterdir())
 
 
 def test_stage3_array_tasks_with_one_killed_and_rerun_write_each_shard_once(slurm_bin, pool, tmp_path):

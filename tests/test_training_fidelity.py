@@ -7,6 +7,7 @@ gives), CPU autocast for ops on its lower-precision list. `tests/gpu/` runs the 
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from segany_train.prompting.rollout import RolloutConfig, iteration_schedule, run_rollout
@@ -19,21 +20,20 @@ def _gt_masks(n: int = 6, side: int = 32) -> torch.Tensor:
     return gt
 
 
-def test_refinement_position_is_drawn_on_the_generators_device():
-    # On CUDA the module's generator lives on the GPU and a draw without `device=` is a CPU draw,
-    # which raises. Here the default device (meta) differs from the generator's (cpu): a draw that
-    # ignores the generator's device lands on meta and cannot be read.
+def test_refinement_position_is_drawn_on_the_host():
+    # A draw on the device would have to be read back (a host sync per step on CUDA): the position
+    # comes from a numpy generator, whatever the default device (meta here, which cannot be read).
     cfg = RolloutConfig()
     with torch.device("meta"):
-        schedule = iteration_schedule(cfg, torch.Generator().manual_seed(0))
-    assert schedule == iteration_schedule(cfg, torch.Generator().manual_seed(0))
+        schedule = iteration_schedule(cfg, np.random.default_rng(0))
+    assert schedule == iteration_schedule(cfg, np.random.default_rng(0))
     assert schedule.count(False) == 2 and schedule[-1] is False
 
 
-def test_rollout_keeps_the_decoders_dtype_when_it_differs_from_the_embeddings(tiny_sam):
+def test_rollout_takes_the_decoders_bf16_outputs_to_fp32_for_the_loss(tiny_sam):
     # CUDA autocast runs the decoder's matmuls in bf16 while the image embeddings stay fp32, and
     # (unlike CPU autocast) does not promote index_copy: the hook gives the decoder's outputs the
-    # dtype they have there.
+    # dtype they have there. The loss and the upsampling take them in fp32 (as SAM 2 does).
     tiny_sam.mask_decoder.register_forward_hook(lambda module, args, out: tuple(t.to(torch.bfloat16) for t in out))
     gt = _gt_masks()
     embeddings = torch.randn(2, 32, 8, 8)
@@ -43,7 +43,8 @@ def test_rollout_keeps_the_decoders_dtype_when_it_differs_from_the_embeddings(ti
         torch.Generator().manual_seed(0),
     )
     assert len(seen) == 11
-    assert all(o.logits.dtype == torch.bfloat16 and o.iou_pred.dtype == torch.bfloat16 for o in seen)
+    assert all(g.logits.dtype == g.iou_pred.dtype == torch.float32 for o in seen for g in o.groups)
+    assert all(o.shown.dtype == torch.float32 for o in seen)
 
 
 def test_rollout_output_rows_follow_the_prompts_when_single_and_multi_output_rows_interleave(tiny_sam):
@@ -56,6 +57,7 @@ def test_rollout_output_rows_follow_the_prompts_when_single_and_multi_output_row
     cfg = RolloutConfig(num_iterations=1, num_correction_clicks=0, box_probability=0.5)
     run_rollout(tiny_sam, embeddings, gt, image_index, cfg, seen.append, torch.Generator().manual_seed(1))
     out = seen[0]
+    logits, iou_pred = out.expanded()
     single = (out.point_labels >= 0).sum(1) == 1
     assert 0 < single.sum() < 6
     for i in range(6):
@@ -66,8 +68,8 @@ def test_rollout_output_rows_follow_the_prompts_when_single_and_multi_output_row
             point_labels=out.point_labels[i : i + 1],
             multimask_output=bool(single[i]),
         )
-        torch.testing.assert_close(out.logits[i], low[0].expand(3, -1, -1), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(out.iou_pred[i], iou[0].expand(3), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[i], low[0].expand(3, -1, -1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(iou_pred[i], iou[0].expand(3), atol=1e-4, rtol=1e-4)
 
 
 def test_positional_encoding_is_fp32_under_autocast_and_not_reused_across_dtypes(tiny_sam):
@@ -126,7 +128,8 @@ def test_sam2_gt_mask_first_prompt_replaces_points_and_boxes(tiny_sam):
                 torch.Generator().manual_seed(0))
     box = point = masked = 0
     for call in calls:
-        labels, has_mask = call["point_labels"], call["has_mask_input"]
+        labels = call["point_labels"]
+        has_mask = torch.full((labels.shape[0],), call["mask_inputs"] is not None)  # decoded in groups with or without
         is_box = (labels == 2).any(1)
         is_point = (labels == 1).any(1)
         assert not (has_mask & (is_box | is_point)).any(), "a GT-mask prompt came with a box or a point"
@@ -151,6 +154,7 @@ def test_training_and_validation_never_click_into_the_padding(tiny_sam, tmp_path
     batch = {
         "image": images,
         "input_size": torch.tensor([[128, 40], [128, 40]]),
+        "valid_size": torch.tensor([[32, 10], [32, 10]]),
         "original_size": torch.tensor([[384, 120], [384, 120]]),
         "masks": gt,
         "image_index": torch.tensor([0, 0, 1, 1]),
@@ -184,6 +188,7 @@ def _one_batch(n_masks: int = 2) -> dict:
     return {
         "image": torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8),
         "input_size": torch.tensor([[128, 128]]),
+        "valid_size": torch.tensor([[32, 32]]),
         "original_size": torch.tensor([[128, 128]]),
         "masks": gt,
         "image_index": torch.zeros(n_masks, dtype=torch.long),
@@ -387,15 +392,17 @@ def test_high_resolution_supervision_upsamples_the_logits_to_the_gt(tiny_sam):
     seen = []
     cfg = RolloutConfig(num_iterations=3, num_correction_clicks=1, gt_mask_prompt_probability=0.5)
     run_rollout(tiny_sam, embeddings, gt, image_index, cfg, seen.append, torch.Generator().manual_seed(1))
-    assert [o.logits.shape[-2:] for o in seen] == [(64, 64)] * 3
+    assert [o.shown.shape[-2:] for o in seen] == [(64, 64)] * 3
+    assert all(g.logits.shape[-2:] == (64, 64) for o in seen for g in o.groups)
     first = seen[0]
+    first_logits = first.expanded()[0]
     for i in range(6):
         if (first.point_labels[i] >= 0).any():  # point- or box-prompted: decode it alone at low res
             low, _ = tiny_sam.decode(embeddings, image_index=image_index[i : i + 1], point_coords=first.point_coords[i : i + 1],
                                      point_labels=first.point_labels[i : i + 1],
                                      multimask_output=bool((first.point_labels[i] >= 0).sum() == 1))  # fmt: skip
             up = F.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
-            torch.testing.assert_close(first.logits[i], up[0].expand(3, -1, -1), atol=1e-4, rtol=1e-4)
-    from segany_train.training.losses import LossWeights, sam_loss
+            torch.testing.assert_close(first_logits[i], up[0].expand(3, -1, -1), atol=1e-4, rtol=1e-4)
+    from segany_train.training.losses import LossWeights, grouped_sam_loss
 
-    assert torch.isfinite(sam_loss(seen[-1].logits, seen[-1].iou_pred, gt, LossWeights()).total)
+    assert torch.isfinite(grouped_sam_loss(seen[-1].groups, gt, LossWeights()).total)

@@ -30,10 +30,10 @@ def count_tar_samples(path: str | Path) -> int:
         raise ValueError(f"{path} is not a readable tar shard ({error}); download it again or leave it out") from None
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Samples in the shards: their directory's manifest entry, else (SA-1B as released has no
-    manifest) the tar index; None if a shard is neither listed nor a local file."""
-    total = 0
+def shard_sample_counts(urls: list[str]) -> list[int] | None:
+    """Samples in each shard: its directory's manifest entry, else (SA-1B as released has no manifest)
+    the tar index; None if a shard is neither listed nor a local file."""
+    counts: list[int] = []
     manifests: dict[Path, dict] = {}
     for url in urls:
         path = Path(url)
@@ -41,12 +41,18 @@ def count_samples(urls: list[str]) -> int | None:
             manifests[path.parent] = read_manifest(path.parent)["shards"] if os.path.isdir(path.parent) else {}
         entry = manifests[path.parent].get(path.name)
         if entry is not None:
-            total += entry["samples"]
+            counts.append(entry["samples"])
         elif path.is_file():
-            total += count_tar_samples(path)
+            counts.append(count_tar_samples(path))
         else:
             return None
-    return total
+    return counts
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in the shards (see `shard_sample_counts`); None if a shard is neither listed nor local."""
+    counts = shard_sample_counts(urls)
+    return None if counts is None else sum(counts)
 
 
 class SA1BDataModule(L.LightningDataModule):
@@ -55,7 +61,8 @@ class SA1BDataModule(L.LightningDataModule):
     Training uses `train_mode` ("resampled" by default) with a fixed epoch length per rank, so every
     rank yields the same number of batches. The epoch length is `samples_per_epoch` (per rank) or, by
     default, the shards' sample count (manifest, else tar index) divided by the world size. Validation
-    reads each shard once, split over ranks and over at most as many workers as a rank has shards.
+    reads every sample once, split by sample over the ranks and their workers (`sample_split`), so any
+    number of ranks works with any number of validation shards.
 
     `synthetic` (a config's `synthetic` section) names a synthetic corpus that `prepare_data` writes
     (resumably) before any rank reads it: Lightning calls that in one process per node, then a barrier,
@@ -109,10 +116,14 @@ class SA1BDataModule(L.LightningDataModule):
                 f"train: {len(self.train_urls)} shards for {world} ranks x {workers} workers leaves loaders empty; "
                 "use fewer workers, more shards, or train_mode=resampled"
             )
-        if self.val_urls and len(self.val_urls) < world:
-            raise ValueError(f"val: {len(self.val_urls)} shards for {world} ranks leaves a rank without validation data")
-        # a worker without a shard yields nothing; split_by_node leaves the poorest rank len // world shards
-        self.val_workers = min(self.num_workers, len(self.val_urls) // world)
+        # validation is split by sample (`sample_split`): any number of ranks works with any number of shards
+        self.val_counts = shard_sample_counts(self.val_urls) if self.val_urls else []
+        if self.val_counts is None:
+            raise ValueError("val shards are neither in a manifest nor local tars: their samples cannot be split over the ranks")
+        if self.val_urls and sum(self.val_counts) < world:
+            raise ValueError(f"val: {sum(self.val_counts)} samples for {world} ranks leaves a rank without validation data")
+        # every worker gets a sample: each rank has at least total // world
+        self.val_workers = min(self.num_workers, sum(self.val_counts) // world)
         per_rank = self.samples_per_epoch
         if per_rank is None:
             total = count_samples(self.train_urls)
@@ -166,5 +177,7 @@ class SA1BDataModule(L.LightningDataModule):
             min_mask_pixels=self.sample.min_mask_pixels,
         )
         rank, world = self._placement()
-        dataset = sam_sample_pipeline(self.val_urls, plain, mode="once", seed=self.seed, rank=rank, world_size=world)
+        dataset = sam_sample_pipeline(
+            self.val_urls, plain, mode="once_by_sample", shard_counts=self.val_counts, seed=self.seed, rank=rank, world_size=world
+        )
         return self._loader(dataset, None, self.val_workers)

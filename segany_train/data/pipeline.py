@@ -8,9 +8,10 @@ Every random draw is seeded as `seeded_stream` describes.
 import glob
 import itertools
 import os
+import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import braceexpand
@@ -19,9 +20,10 @@ import webdataset as wds
 
 from segany_train.data.sa1b import BadSample, decode_sample
 from segany_train.data.sam_sample import SamSampleConfig, build_sam_sample
-from segany_train.data.seeded_stream import SAMPLES, StreamSeed, seeded_shuffle, shard_source
+from segany_train.data.sample_split import read_piece, slot_share
+from segany_train.data.seeded_stream import SAMPLES, StreamSeed, seeded_shuffle, shard_source, worker_slot
 
-SHARD_MODES = ("resampled", "split_repeat", "once")
+SHARD_MODES = ("resampled", "split_repeat", "once", "once_by_sample")
 
 
 class SkippedSampleWarning(UserWarning):
@@ -132,6 +134,21 @@ def _decode_stage(cfg: SamSampleConfig, stream: StreamSeed, max_consecutive_skip
     return stage
 
 
+def _sample_split_source(urls: list[str], counts: list[int], stream: StreamSeed) -> Callable[[], Iterator[dict[str, Any]]]:
+    """The raw samples of this rank's and worker's run of the samples (`sample_split.slot_share`); a shard
+    that is not a readable tar is counted as a corrupt_shard skip and the rest of its piece left out."""
+
+    def source() -> Iterator[dict[str, Any]]:
+        worker, workers = worker_slot()
+        for shard, first, end in slot_share(counts, stream.world_size * workers, stream.rank * workers + worker):
+            try:
+                yield from read_piece(urls[shard], first, end)
+            except (tarfile.TarError, OSError) as error:
+                SkipLog.record("corrupt_shard", urls[shard], repr(error))
+
+    return source
+
+
 def read_records(urls: list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """(key, JPEG bytes, record) of every sample of the shards, in order, in this process.
 
@@ -157,12 +174,15 @@ def sam_sample_pipeline(
     world_size: int = 1,
     start_step: int = 0,
     max_consecutive_skips: int = 1000,
+    shard_counts: list[int] | None = None,
 ) -> wds.DataPipeline:
     """An IterableDataset of SAM samples (`sam_sample.build_sam_sample`), for training or evaluation.
 
     mode "resampled": each rank and worker draws shards at random, so no loader runs dry;
     "split_repeat": disjoint shards per rank and worker, cycled in a new order each pass; "once":
-    disjoint shards, each read once (evaluation). With `samples_per_worker`, every worker yields
+    disjoint shards, each read once (evaluation); "once_by_sample": every sample once, split by sample
+    over the ranks and workers (`sample_split`, validation; needs `shard_counts`, each shard's sample
+    count, so any number of ranks works with any number of shards). With `samples_per_worker`, every worker yields
     exactly that many samples, so all ranks see the same number of batches (unequal counts hang DDP).
 
     Every draw (shards, order, shuffle, masks chosen, augmentation) is a function of `seed`, `rank`
@@ -175,12 +195,14 @@ def sam_sample_pipeline(
         raise ValueError(f"max_consecutive_skips must be at least 1, got {max_consecutive_skips}")
     if mode not in SHARD_MODES:
         raise ValueError(f"mode must be one of {SHARD_MODES}, got {mode!r}")
+    if mode == "once_by_sample" and (shard_counts is None or len(shard_counts) != len(urls)):
+        raise ValueError("mode once_by_sample needs shard_counts: one sample count per shard")
     stream = StreamSeed(seed=seed, rank=rank, world_size=world_size, start_step=start_step)
-    stages = [
-        shard_source(urls, mode, stream),
-        wds.tarfile_to_samples(handler=_limited_tar_error_handler(max_consecutive_skips)),
-        _decode_stage(cfg, stream, max_consecutive_skips),
-    ]
+    if mode == "once_by_sample":
+        stages = [_sample_split_source(urls, shard_counts, stream)]
+    else:
+        stages = [shard_source(urls, mode, stream), wds.tarfile_to_samples(handler=_limited_tar_error_handler(max_consecutive_skips))]
+    stages.append(_decode_stage(cfg, stream, max_consecutive_skips))
     if shuffle_buffer > 1:
         stages.append(seeded_shuffle(shuffle_buffer, stream))
     pipeline = wds.DataPipeline(*stages)
@@ -208,7 +230,9 @@ def collate_sam_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "boxes": torch.cat([s["boxes"] for s in samples]),
         "annotation_ids": torch.cat([s["annotation_ids"] for s in samples]),
         "image_index": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
+        "masks_per_image": counts,  # image_index's run lengths on the host (a list, not moved to the device)
         "input_size": torch.tensor([s["input_size"] for s in samples]),
+        "valid_size": torch.tensor([s["valid_size"] for s in samples]),
         "original_size": torch.tensor([s["original_size"] for s in samples]),
         "num_annotations": torch.tensor([s["num_annotations"] for s in samples]),
         "skipped": dict(skipped),

@@ -115,13 +115,22 @@ def _boxes(masks: np.ndarray, ratio: int) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32) * ratio
 
 
+def valid_region(valid_size: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """Bx2 (h, w) valid sizes (`build_sam_sample`'s `valid_size`) -> BxMxM bool: where each image lies
+    in its mask frame, the rest being padding. Training and evaluation both take it from the sample,
+    where the GT masks were placed, rather than recomputing it from another size and rounding."""
+    coords = torch.arange(mask_size, device=valid_size.device)
+    return (coords[None, :, None] < valid_size[:, 0, None, None]) & (coords[None, None, :] < valid_size[:, 1, None, None])
+
+
 def build_sam_sample(
     key: str, jpeg: bytes, record: dict[str, Any], cfg: SamSampleConfig, rng: np.random.Generator
 ) -> dict[str, Any]:
     """A sample, or BadSample naming what makes the record unusable.
 
     Returns key, image (3xSxS uint8), masks (KxMxM bool), boxes (Kx4 float, XYXY input pixels),
-    annotation_ids (K), input_size (h, w of the image inside the padding), original_size (H, W),
+    annotation_ids (K), input_size (h, w of the image inside the padding), valid_size (h, w of the image
+    in the mask frame: the masks' rows and columns that are not padding), original_size (H, W),
     num_annotations (the record's annotation count, so a caller can count the masks left out), and
     with `cfg.keep_segmentations` segmentations (K RLE dicts of the kept masks, in order).
     """
@@ -149,6 +158,7 @@ def build_sam_sample(
         "boxes": torch.from_numpy(_boxes(masks, cfg.image_size // cfg.mask_size)),
         "annotation_ids": torch.tensor([a["id"] for a, v in zip(anns, visible) if v], dtype=torch.long),
         "input_size": input_size,
+        "valid_size": win.visible,
         "original_size": (height, width),
         "num_annotations": len(record["annotations"]),
     }

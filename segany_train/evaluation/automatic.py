@@ -9,7 +9,7 @@ from tqdm import tqdm
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import SkipLog, read_records
 from segany_train.data.sa1b import BadSample, check_masks
-from segany_train.evaluation.coco_ap import coco_mask_ap
+from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, coco_mask_ap
 from segany_train.evaluation.periodic_report import PeriodicReport
 
 
@@ -20,13 +20,20 @@ class MaskGenerator(Protocol):
 
 
 def evaluate_automatic_masks(
-    generator: MaskGenerator, urls: list[str], *, max_images: int | None = None, progress: bool = True, report_every: int = 0
+    generator: MaskGenerator,
+    urls: list[str],
+    *,
+    max_images: int | None = None,
+    progress: bool = True,
+    max_dets: tuple[int, int, int] = DEFAULT_MAX_DETS,
+    report_every: int = 0,
 ) -> dict[str, Any]:
     """Generates masks for every image of the shards (in order, at full resolution) and scores them.
 
-    Returns stats (COCO's twelve, see `coco_ap.STAT_NAMES`), images, images_skipped ({reason: n}),
-    gt_masks and predicted_masks (totals over the evaluated images). `report_every`: a line on stderr
-    every that many images (`PeriodicReport`; 0: none), for runs without the progress bar.
+    Returns stats (COCO's twelve, named by `coco_ap.stat_names(max_dets)`), max_dets (the detections
+    per image counted), images, images_skipped ({reason: n}), gt_masks and predicted_masks (totals
+    over the evaluated images). `report_every`: a line on stderr every that many images
+    (`PeriodicReport`; 0: none), for runs without the progress bar.
     """
     SkipLog.take()  # forget skips of earlier readers in this process
     skipped: Counter = Counter()
@@ -54,7 +61,8 @@ def evaluate_automatic_masks(
     report.close()
     skipped.update(SkipLog.take())
     return {
-        "stats": coco_mask_ap(gt_records, predictions),
+        "stats": coco_mask_ap(gt_records, predictions, max_dets=max_dets),
+        "max_dets": list(max_dets),
         "images": len(gt_records),
         "images_skipped": dict(skipped),
         "gt_masks": sum(len(r["annotations"]) for r in gt_records),

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.atomic_files import write_bytes_atomically
 from segany_train.evaluation.automatic import evaluate_automatic_masks
-from segany_train.evaluation.coco_ap import STAT_NAMES
+from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, check_max_dets
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.inference.precision import inference_autocast
@@ -30,6 +31,7 @@ from segany_train.inference.cli_options import (
     load_model,
     prepare_output_directory,
 )
+from segany_train.os_errors import describe_os_error
 
 PROTOCOLS = ("interactive", "amg", "both")
 
@@ -65,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--batch-size", type=int, default=default.batch_size, help="images per encoder batch")
     group.add_argument("--num-workers", type=int, default=default.num_workers, help="data loader worker processes")
+    amg = parser.add_argument_group("automatic masks")
+    amg.add_argument(
+        "--max-dets",
+        type=int,
+        nargs=3,
+        default=list(DEFAULT_MAX_DETS),
+        metavar=("K1", "K2", "K3"),
+        help="COCOeval's detections per image, ascending: AP counts the K3 best-scored masks of each image "
+        f"(default: {' '.join(map(str, DEFAULT_MAX_DETS))}; COCO's own 1 10 100 caps SA-1B-like images)",
+    )
     add_generator_arguments(parser)
     return parser
 
@@ -114,16 +126,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         ]
     amg = result.get("amg")
     if amg is not None:
+        names = list(amg["stats"])
         lines += [
             "## Automatic masks (COCO segm, class-agnostic)",
             "",
-            "| " + " | ".join(STAT_NAMES) + " |",
-            "|" + "---:|" * len(STAT_NAMES),
-            "| " + " | ".join(_fmt(amg["stats"][name], 3) for name in STAT_NAMES) + " |",
+            "| " + " | ".join(names) + " |",
+            "|" + "---:|" * len(names),
+            "| " + " | ".join(_fmt(amg["stats"][name], 3) for name in names) + " |",
             "",
             f"Images evaluated: {amg['images']} (skipped: {_skips(amg['images_skipped'])}); GT masks: "
             f"{amg['gt_masks']}, predicted masks: {amg['predicted_masks']}. Score = predicted IoU; -1 = no GT "
-            "mask in that size range.",
+            f"mask in that size range; at most {amg['max_dets'][-1]} masks per image counted (COCOeval maxDets "
+            f"{amg['max_dets']}).",
             "",
             "Generator: " + ", ".join(f"{k}={'off' if v is None else format(v, 'g')}" for k, v in amg["generator"].items()),
             "",
@@ -138,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--report-every must be at least 0, got {args.report_every}")
         if args.max_images is not None and args.max_images < 0:
             raise ValueError(f"--max-images must be at least 0, got {args.max_images}")
+        check_max_dets(args.max_dets)
         urls = expand_shard_patterns(args.shards)
         interactive_cfg = InteractiveEvalConfig(
             max_clicks=args.max_clicks,
@@ -177,12 +192,20 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         with torch.inference_mode():
             result["amg"] = evaluate_automatic_masks(
-                generator, urls, max_images=args.max_images, progress=progress, report_every=report_every
+                generator,
+                urls,
+                max_images=args.max_images,
+                progress=progress,
+                max_dets=tuple(args.max_dets),
+                report_every=report_every,
             )
         result["amg"].update(generator=generator_settings(args).as_kwargs(), seconds=round(time.perf_counter() - start, 3))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "eval.md").write_text(render_markdown(result))
+    try:  # whole files or none: a full disk fails here, after the work, in one line
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(args.out / "eval.json", (json.dumps(result, indent=1) + "\n").encode())
+        write_bytes_atomically(args.out / "eval.md", render_markdown(result).encode())
+    except OSError as error:
+        sys.exit(f"segany-eval: error: {describe_os_error(error, rerun='segany-eval evaluates again')}")
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}")
     for protocol in ("interactive", "amg"):  # figures over no image are not a result: say so, exit 1
         part = result.get(protocol)

@@ -16,12 +16,28 @@ from pycocotools.cocoeval import COCOeval
 from segany_train.data.rle import pycocotools_rle
 
 OBJECT_CATEGORY = 1
-# COCOeval.stats in order, with COCOeval's default limits (1, 10, 100): AP and the size-range stats
-# count the max_dets[2] best-scored masks per image, AR@k the k best
-STAT_NAMES = (
-    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-    "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large",
-)  # fmt: skip
+# detections per image counted (COCOeval's maxDets): AP and the size-range stats count the last
+# (largest) many best-scored masks per image, AR@k the k best. COCO's (1, 10, 100) cuts SA-1B-like
+# images short: about 100 GT masks each, and a generator keeps more (150 perfect masks of a
+# 150-mask image scored AP 0.663 under 100)
+DEFAULT_MAX_DETS = (1, 100, 1000)
+
+
+def stat_names(max_dets: tuple[int, int, int] = DEFAULT_MAX_DETS) -> tuple[str, ...]:
+    """COCOeval.stats' names in order, with AR@k for the k of `max_dets`."""
+    return (
+        "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+        *(f"AR@{k}" for k in max_dets), "AR_small", "AR_medium", "AR_large",
+    )  # fmt: skip
+
+
+STAT_NAMES = stat_names()
+
+
+def check_max_dets(max_dets: Sequence[int]) -> None:
+    """ValueError unless `max_dets` is three ascending positive counts."""
+    if len(max_dets) != 3 or list(max_dets) != sorted(max_dets) or min(max_dets) < 1:
+        raise ValueError(f"max_dets must be three ascending positive counts, got {tuple(max_dets)}")
 
 
 def _image_entries(gt_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,21 +72,19 @@ def coco_mask_ap(
     gt_records: Sequence[dict[str, Any]],
     predictions: Sequence[Sequence[dict[str, Any]]],
     *,
-    max_dets: tuple[int, int, int] = (1, 10, 100),
+    max_dets: tuple[int, int, int] = DEFAULT_MAX_DETS,
 ) -> dict[str, float]:
-    """The twelve COCO segm stats, by name (`STAT_NAMES`, with AR@k for the k of `max_dets`), of
-    predicted masks against GT.
+    """The twelve COCO segm stats, by name (`stat_names(max_dets)`), of predicted masks against GT.
 
-    max_dets: COCOeval's maxDets, ascending; AP counts the max_dets[2] best-scored masks per image.
-    COCO's 100 cuts SA-1B-like images (about 100 GT masks, more predictions) short: raise it there.
+    max_dets: COCOeval's maxDets, ascending; AP counts the max_dets[2] best-scored masks per image
+    (see DEFAULT_MAX_DETS).
 
     gt_records: one SA-1B record per image ({"image": {height, width, ...}, "annotations": [...]}).
     predictions[i]: image i's masks, each a dict with "segmentation" (see `segany_train.data.rle.pycocotools_rle`) and
     "predicted_iou" (the score), as `SamAutomaticMaskGenerator.generate` returns them. A stat with
     no GT in its range is -1, as COCOeval reports it.
     """
-    if len(max_dets) != 3 or list(max_dets) != sorted(max_dets) or min(max_dets) < 1:
-        raise ValueError(f"max_dets must be three ascending positive counts, got {tuple(max_dets)}")
+    check_max_dets(max_dets)
     if len(gt_records) != len(predictions):
         raise ValueError(f"{len(gt_records)} GT records but predictions for {len(predictions)} images")
     images = _image_entries(gt_records)
@@ -96,5 +110,4 @@ def coco_mask_ap(
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # T x R x K, all areas, the largest maxDets
     valid = precision[precision > -1]
     stats[0] = float(valid.mean()) if valid.size else -1.0
-    names = STAT_NAMES[:6] + tuple(f"AR@{k}" for k in max_dets) + STAT_NAMES[9:]
-    return dict(zip(names, stats))
+    return dict(zip(stat_names(tuple(max_dets)), stats))

@@ -26,10 +26,9 @@ from tqdm import tqdm
 from segany_train.data.mask_iou import dense_mask_iou
 from segany_train.data.pipeline import SkipLog, collate_sam_samples, sam_sample_pipeline
 from segany_train.data.rle import decode_rles_at
-from segany_train.data.sam_sample import SamSampleConfig
+from segany_train.data.sam_sample import SamSampleConfig, valid_region
 from segany_train.evaluation.periodic_report import PeriodicReport
 from segany_train.model import Sam
-from segany_train.model.transforms import ResizeLongestSide
 from segany_train.prompting.rollout import RolloutConfig, interactive_ious
 
 REPORT_CLICKS = (1, 2, 3, 5, 9)
@@ -67,16 +66,6 @@ class InteractiveEvalConfig:
             click_mode="center",
             mask_feedback=self.mask_feedback,
         )
-
-
-def valid_regions(original_size: torch.Tensor, mask_size: int) -> torch.Tensor:
-    """Bx2 (H, W) original sizes -> Bxmask_sizexmask_size bool: where the image lies in the padded
-    low-res frame (top-left, resized like the GT masks; the rest is padding)."""
-    out = torch.zeros(original_size.shape[0], mask_size, mask_size, dtype=torch.bool)
-    for i, (h, w) in enumerate(original_size.tolist()):
-        rows, cols = ResizeLongestSide.get_preprocess_shape(h, w, mask_size)
-        out[i, :rows, :cols] = True
-    return out
 
 
 class FullResolutionIoU:
@@ -169,8 +158,8 @@ def summarize_interactive(
 def _first_images(batch: dict, count: int) -> dict:
     """The batch cut to its first `count` images (and their masks)."""
     keep = batch["image_index"] < count
-    cut = {k: batch[k][:count] for k in ("image", "input_size", "original_size", "num_annotations")}
-    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"])
+    cut = {k: batch[k][:count] for k in ("image", "input_size", "valid_size", "original_size", "num_annotations")}
+    cut.update(keys=batch["keys"][:count], skipped=batch["skipped"], masks_per_image=batch["masks_per_image"][:count])
     cut.update({k: batch[k][keep] for k in ("masks", "image_index")})
     if "segmentations" in batch:
         cut["segmentations"] = [rle for rle, k in zip(batch["segmentations"], keep.tolist()) if k]
@@ -228,7 +217,7 @@ def evaluate_interactive(
         gt = batch["masks"].to(device)
         image_index = batch["image_index"].to(device)
         embeddings = sam.image_encoder(sam.normalize_padded(batch["image"].to(device), batch["input_size"].to(device)))
-        valid = valid_regions(batch["original_size"], mask_size).to(device)[image_index]
+        valid = valid_region(batch["valid_size"].to(device), mask_size)[image_index]
         # center clicks are deterministic; the seeded generator keeps the rollout's unused draws off the global RNG
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         measure = None

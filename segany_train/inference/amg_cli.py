@@ -18,7 +18,7 @@ import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from io import BytesIO
@@ -37,7 +37,8 @@ from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import BadSample, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_bytes_atomically, write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.inference.cli_options import (
     add_generator_arguments,
@@ -47,6 +48,7 @@ from segany_train.inference.cli_options import (
     prepare_output_directory,
 )
 from segany_train.inference.mask_overlay import render_overlay
+from segany_train.os_errors import describe_os_error
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 JPEG_QUALITY = 95  # re-encoding non-JPEG inputs for --shards-out
@@ -235,29 +237,11 @@ def refuse_foreign_shards_out(shards_out: Path, overwrite: bool) -> None:
         raise ValueError(f"--shards-out {shards_out} holds files segany-amg did not write ({len(foreign)}: {shown}); its shards would be replaced or removed. Use an empty directory, or pass --overwrite to replace them")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        items, total = list_inputs(args.input)
-        if args.images_per_shard < 1:
-            raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
-        if total == 0:
-            raise ValueError(f"{args.input} holds no jpg/png/tif image")
-        check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
-        if args.shards_out:
-            refuse_foreign_shards_out(args.shards_out, args.overwrite)
-        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle", precision=args.precision)
-        # last: a value refused above leaves no directory behind
-        if args.shards_out:
-            prepare_output_directory(args.shards_out, "--shards-out")
-        prepare_output_directory(args.out, "--out")
-        checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
-        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
-        claim_output_settings(args.out, settings, args.overwrite)
-        if args.shards_out:  # marks the directory as this command's (see refuse_foreign_shards_out)
-            write_json_atomically(args.shards_out / SETTINGS_FILE, settings)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"segany-amg: error: {error}")
+def generate_all(
+    args: argparse.Namespace, items: Iterable[InputImage], total: int | None, generator: SamAutomaticMaskGenerator
+) -> tuple[Counter, list[int]]:
+    """Runs the generator over the inputs, writing --out (and --shards-out); returns the outcome
+    counts and the number of masks of each image done now."""
     counts: Counter = Counter()
     masks_per_image: list[int] = []  # of the images done now
     SkipLog.take()  # forget skips of earlier readers in this process
@@ -293,6 +277,38 @@ def main(argv: list[str] | None = None) -> None:
     if writer:  # a shorter rerun: the shards of the longer one are not this run's output
         keep_only_shards(args.shards_out, writer.written)
     counts["unreadable"] += sum(SkipLog.take().values())  # samples the shard reader could not parse
+    return counts, masks_per_image
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        items, total = list_inputs(args.input)
+        if args.images_per_shard < 1:
+            raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
+        if total == 0:
+            raise ValueError(f"{args.input} holds no jpg/png/tif image")
+        check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
+        if args.shards_out:
+            refuse_foreign_shards_out(args.shards_out, args.overwrite)
+        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle", precision=args.precision)
+        # last: a value refused above leaves no directory behind
+        if args.shards_out:
+            prepare_output_directory(args.shards_out, "--shards-out")
+        prepare_output_directory(args.out, "--out")
+        checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
+        claim_output_settings(args.out, settings, args.overwrite)
+        if args.shards_out:  # marks the directory as this command's (see refuse_foreign_shards_out)
+            write_json_atomically(args.shards_out / SETTINGS_FILE, settings)
+    except ValueError as error:
+        sys.exit(f"segany-amg: error: {error}")
+    except OSError as error:  # a missing input; a full disk (the settings file)
+        sys.exit(f"segany-amg: error: {describe_os_error(error, rerun='nothing was done yet')}")
+    try:
+        counts, masks_per_image = generate_all(args, items, total, generator)
+    except OSError as error:  # a full disk: finished images are kept, the shard being written is dropped
+        sys.exit(f"segany-amg: error: {describe_os_error(error, rerun='images already done are not done again')}")
     summary = ", ".join(f"{counts[k]} {k}" for k in ("done now", "done before", "unreadable"))
     print(f"segany-amg: {sum(counts.values())} images: {summary}; {describe_masks(masks_per_image)}; outputs in {args.out}")
     if masks_per_image.count(0):

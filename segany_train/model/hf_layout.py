@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segany_train.data.shard_writer import write_bytes_atomically, write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
 from segany_train.model.sam_config import SamConfig
 
 HF_CONFIG_NAME = "config.json"

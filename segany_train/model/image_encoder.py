@@ -70,13 +70,36 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def drop_path_scales(
+        self, batch: int, *, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Stochastic depth for one forward pass: depth x 2 x B factors for each block's attention and
+        MLP branch per sample (0 where dropped, 1/keep where kept), or None outside training or when
+        no block drops anything.
+
+        All decisions are drawn here, up front, from `generator` (the global RNG when None) on the
+        generator's device: a caller keys it on (seed, step, rank) so that ranks draw apart and a
+        resumed run continues the draws, and activation checkpointing's recomputation reuses the
+        same factors (they are arguments of each block's call, not draws inside it).
+        """
+        rates = [block.drop_path for block in self.blocks]
+        if not self.training or not any(rates):
+            return None
+        draw_on = generator.device if generator is not None else device
+        keep = 1.0 - torch.tensor(rates, device=draw_on)[:, None, None]  # depth x 1 x 1
+        uniform = torch.rand(len(rates), 2, batch, generator=generator, device=draw_on)  # depth x 2 x B
+        return ((uniform < keep) / keep).to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bx3xSxS -> Bx(out_chans)x(S/p)x(S/p); `generator` draws the stochastic depth while training."""
         x = self.patch_embed(x)  # B x h x w x C
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        for block in self.blocks:
+        scales = self.drop_path_scales(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        for i, block in enumerate(self.blocks):
+            scale = None if scales is None else scales[i]  # 2 x B
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, scale, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, scale)
         return self.neck(x.permute(0, 3, 1, 2))  # B x out_chans x h x w

@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -74,6 +75,7 @@ class MaskDecoder(nn.Module):
         image_index: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         shared_keys: SharedImageKeys | None = None,
+        host_image_index: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Official call plus batching: returns (NxMx4hx4w logits, NxM IoU).
 
@@ -81,7 +83,9 @@ class MaskDecoder(nn.Module):
         serves prompt i (the official conventions). token_mask: NxT, False for batch padding tokens.
         shared_keys: `prepare_shared_keys` output to reuse across calls on the same images; used only
         when the dense prompt is the "no mask" embedding they were made from (ignored otherwise, and
-        by the reference path).
+        by the reference path). host_image_index: `image_index` as a host array, when the caller has it:
+        the prompts are then grouped by image from it, without reading `image_index` back from the
+        device (a host sync per call on CUDA).
         """
         outputs = self._output_slice(multimask_output)
         if self.reference:
@@ -107,7 +111,8 @@ class MaskDecoder(nn.Module):
             rows = slice(start, start + self.prompt_chunk_size)
             mask_rows = None if token_mask is None else token_mask[rows]
             if shared:
-                hs, src = self._decode_grouped_by_image(tokens[rows], mask_rows, image_index[rows], shared_keys)
+                host_rows = None if host_image_index is None else host_image_index[rows]
+                hs, src = self._decode_grouped_by_image(tokens[rows], mask_rows, image_index[rows], shared_keys, host_rows)
             else:
                 src = image_embeddings[image_index[rows]] + dense_prompt_embeddings[rows]
                 hs, src = self.transformer(src, image_pe, tokens[rows], mask_rows)
@@ -217,7 +222,22 @@ class MaskDecoder(nn.Module):
         token_mask: torch.Tensor | None,
         image_index: torch.Tensor,
         shared_keys: SharedImageKeys,
+        host_image_index: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if host_image_index is not None:
+            # runs of consecutive prompts on one image (one run per image when sorted, as batches are):
+            # slices, no index read from the device
+            starts = [0, *(np.flatnonzero(np.diff(host_image_index)) + 1).tolist()]
+            ends = starts[1:] + [len(host_image_index)]
+            parts = [
+                self.transformer.forward_shared(
+                    shared_keys, int(host_image_index[a]), tokens[a:b], None if token_mask is None else token_mask[a:b]
+                )
+                for a, b in zip(starts, ends)
+            ]
+            if len(parts) == 1:
+                return parts[0]
+            return torch.cat([hs for hs, _ in parts]), torch.cat([src for _, src in parts])
         images = torch.unique(image_index).tolist()
         if len(images) == 1:
             return self.transformer.forward_shared(shared_keys, images[0], tokens, token_mask)

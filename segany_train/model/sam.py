@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -76,6 +77,8 @@ class Sam(nn.Module):
         mask_inputs: torch.Tensor | None = None,
         has_mask_input: torch.Tensor | None = None,
         shared_keys: SharedImageKeys | None = None,
+        host_image_index: np.ndarray | None = None,
+        mask_padding: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched prompt encoding and mask decoding, differentiable.
 
@@ -84,16 +87,22 @@ class Sam(nn.Module):
         2/3 box corners, -1 "not a point", IGNORE_LABEL padding that is masked out).
         mask_inputs: Nx1x4hx4w low-res logits, used where has_mask_input (N bool; all when omitted).
         Returns NxMx4hx4w low-res logits and NxM predicted IoU.
+
+        Two hints spare reading device values back (a host sync each on CUDA): host_image_index, the
+        image_index as a host array (see `MaskDecoder.forward`), and mask_padding, whether any label
+        may be IGNORE_LABEL (None: look at the labels).
         """
         n = point_coords.shape[0]
         sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
         token_mask = point_labels != IGNORE_LABEL
-        token_mask = None if bool(token_mask.all()) else token_mask
+        if mask_padding is False or (mask_padding is None and bool(token_mask.all())):
+            token_mask = None
         dense = self.prompt_encoder.no_mask_dense(n)
         if mask_inputs is not None:
-            has = torch.ones(n, dtype=torch.bool, device=sparse.device) if has_mask_input is None else has_mask_input
-            if bool(has.any()):
-                dense = torch.where(has.view(-1, 1, 1, 1), self.prompt_encoder.embed_masks(mask_inputs), dense)
+            if has_mask_input is None:  # every prompt has one
+                dense = self.prompt_encoder.embed_masks(mask_inputs)
+            elif bool(has_mask_input.any()):
+                dense = torch.where(has_mask_input.view(-1, 1, 1, 1), self.prompt_encoder.embed_masks(mask_inputs), dense)
         return self.mask_decoder(
             image_embeddings,
             self.prompt_encoder.get_dense_pe(),
@@ -103,6 +112,7 @@ class Sam(nn.Module):
             image_index=image_index,
             token_mask=token_mask,
             shared_keys=shared_keys,
+            host_image_index=host_image_index,
         )
 
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:

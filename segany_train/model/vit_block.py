@@ -34,15 +34,9 @@ class ViTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio))
         self.window_size = window_size
+        # probability of dropping each residual branch per sample while training; the encoder draws
+        # the decisions for all its blocks at once (`ImageEncoderViT.drop_path_scales`)
         self.drop_path = drop_path
-
-    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """x + branch, with stochastic depth (per sample) while training."""
-        if not self.training or self.drop_path == 0.0:
-            return x + branch
-        keep = 1.0 - self.drop_path
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x + branch * mask / keep
 
     def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -64,9 +58,16 @@ class ViTBlock(nn.Module):
         out = out.view(b, hp // ws, wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
         return self.attn.proj(out[:, :h, :w])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """BxHxWxC -> BxHxWxC."""
+    def forward(self, x: torch.Tensor, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """BxHxWxC -> BxHxWxC. branch_scale (2xB, optional): stochastic depth, the factor by which each
+        sample's attention branch (row 0) and MLP branch (row 1) are multiplied: 0 where dropped,
+        1/keep where kept."""
         y = self.norm1(x)
         y = self._windowed_attention(y) if self.window_size > 0 else self.attn(y)
-        x = self._residual(x, y)
-        return self._residual(x, self.mlp(self.norm2(x)))
+        if branch_scale is not None:
+            y = y * branch_scale[0].view(-1, 1, 1, 1)  # B x 1 x 1 x 1
+        x = x + y
+        y = self.mlp(self.norm2(x))
+        if branch_scale is not None:
+            y = y * branch_scale[1].view(-1, 1, 1, 1)
+        return x + y

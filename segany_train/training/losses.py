@@ -1,14 +1,17 @@
 """SAM's mask losses: focal + dice (20:1) on the best of the multimask outputs, plus the IoU head loss.
 
-Pure tensor functions. Shapes: logits NxMxHxW (M mask outputs per prompt), gt NxHxW bool.
+Pure tensor functions. Shapes: logits NxMxHxW (M mask outputs per prompt), gt NxHxW bool. A rollout
+iteration's prompts come in output groups (3 outputs for a single point, 1 otherwise): `grouped_sam_loss`.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from segany_train.data.mask_iou import dense_mask_iou
+from segany_train.prompting.rollout import OutputGroup, scatter_rows
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class IterationLoss:
     iou: torch.Tensor
     best: torch.Tensor  # N: index of the output that was backpropagated
     true_iou: torch.Tensor  # N: IoU of that output with the GT
+    predicted_iou: torch.Tensor  # N: the IoU head's prediction for that output
 
 
 def sam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, weights: LossWeights) -> IterationLoss:
@@ -71,4 +75,24 @@ def sam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, wei
         raise ValueError(f"iou_loss must be 'mse' or 'l1', got {weights.iou_loss!r}")
     focal_best, dice_best = focal[rows, best], dice[rows, best]
     total = (mask_loss[rows, best] + weights.iou * iou_loss).sum()
-    return IterationLoss(total, focal_best.sum(), dice_best.sum(), iou_loss.sum(), best, true_iou[rows, best])
+    return IterationLoss(
+        total, focal_best.sum(), dice_best.sum(), iou_loss.sum(), best, true_iou[rows, best], iou_pred[rows, best]
+    )
+
+
+def grouped_sam_loss(groups: Sequence[OutputGroup], gt: torch.Tensor, weights: LossWeights) -> IterationLoss:
+    """The SAM loss of one iteration from its output groups (`run_rollout`): `sam_loss` on each group's
+    own outputs, 3 per single-point prompt and 1 per other prompt (never copies of the one), summed;
+    the per-prompt parts (best, true_iou, predicted_iou) come back in prompt order."""
+    parts = [(g.rows, sam_loss(g.logits, g.iou_pred, gt if g.rows is None else gt[g.rows], weights)) for g in groups]
+    n = gt.shape[0]
+
+    def merged(field: str) -> torch.Tensor:
+        return scatter_rows(n, [(rows, getattr(loss, field)) for rows, loss in parts])
+
+    return IterationLoss(
+        *(sum(getattr(loss, field) for _, loss in parts) for field in ("total", "focal", "dice", "iou")),
+        best=merged("best"),
+        true_iou=merged("true_iou"),
+        predicted_iou=merged("predicted_iou"),
+    )

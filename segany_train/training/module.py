@@ -1,34 +1,37 @@
 """The LightningModule: SAM trained with simulated interactive prompting (SAM paper, appendix A)."""
 
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 
 import lightning as L
+import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from segany_train.data.sam_sample import valid_region
 from segany_train.model import Sam
 from segany_train.prompting.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
-from segany_train.training.losses import IterationLoss, LossWeights, sam_loss
+from segany_train.training.losses import IterationLoss, LossWeights, grouped_sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer
 
 # the evaluation protocol: first click at the GT's most interior point, then 8 center clicks
 EVAL_ROLLOUT = RolloutConfig(num_iterations=9, num_correction_clicks=8, box_probability=0.0, click_mode="center")
 EVAL_CLICKS = (1, 3, 5, 9)
-
-
-def valid_regions_from_input_size(input_size: torch.Tensor, image_index: torch.Tensor, img_size: int, mask_size: int) -> torch.Tensor:
-    """Bx2 (h, w) image sizes inside the SxS padded input, N image indices -> NxMxM bool: where each
-    mask's image lies in the low-res frame (rounded as the GT masks are resized; the rest is padding)."""
-    rows_cols = (input_size.to(torch.float64) * mask_size / img_size + 0.5).floor().long()[image_index]  # N x 2
-    coords = torch.arange(mask_size, device=input_size.device)
-    return (coords[None, :, None] < rows_cols[:, 0, None, None]) & (coords[None, None, :] < rows_cols[:, 1, None, None])
+# the independent random streams of a step (see SamTrainingModule._generator)
+PROMPTS, DROP_PATH = range(2)
 
 
 def _detached(loss: IterationLoss) -> IterationLoss:
-    return replace(loss, total=loss.total.detach(), focal=loss.focal.detach(), dice=loss.dice.detach(), iou=loss.iou.detach())
+    return replace(
+        loss,
+        total=loss.total.detach(),
+        focal=loss.focal.detach(),
+        dice=loss.dice.detach(),
+        iou=loss.iou.detach(),
+        predicted_iou=loss.predicted_iou.detach(),
+    )
 
 
 class SamTrainingModule(L.LightningModule):
@@ -66,25 +69,28 @@ class SamTrainingModule(L.LightningModule):
                 part.eval()
         return self
 
-    def _generator(self) -> torch.Generator:
-        # per rank and step, so ranks draw different prompts and a resumed run draws the same ones
+    def _generator(self, stream: int = PROMPTS) -> torch.Generator:
+        """A generator on the module's device keyed on (seed, step, rank, stream): ranks draw apart, a
+        resumed run continues the draws instead of replaying step 0's, and each stream (the prompts,
+        the drop path) is independent of the others."""
+        key = np.random.SeedSequence([self.seed, self.global_step, self.global_rank, stream]).generate_state(1, np.uint64)[0]
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
+        g.manual_seed(int(key))
         return g
 
-    def _mask_count(self, n: int) -> float:
-        """Masks per rank averaged over ranks: with DDP's gradient averaging, loss/this = sum over all masks."""
-        count = torch.tensor(float(n), device=self.device)
-        if self.trainer.world_size > 1:
-            count = self.trainer.strategy.reduce(count, reduce_op="mean")
-        return max(count.item(), 1.0)
+    def _mask_count(self, n: int) -> float | torch.Tensor:
+        """Masks per rank averaged over ranks: with DDP's gradient averaging, loss/this = sum over all
+        masks. Over several ranks a tensor, never read back to the host (a sync on CUDA)."""
+        if self.trainer.world_size == 1:
+            return float(max(n, 1))
+        count = torch.full((), float(n), device=self.device)
+        return self.trainer.strategy.reduce(count, reduce_op="mean").clamp(min=1.0)
 
-    def _backward_unsynced(self, loss: torch.Tensor) -> None:
-        """Backward without DDP's per-backward reduction: a step runs several backward passes (one per
-        decoder iteration, then the encoder's), and gradients are all-reduced once at the end."""
+    def _unsynced(self) -> AbstractContextManager:
+        """DDP's per-backward reduction off: a step runs several backward passes (one per decoder
+        iteration, then the encoder's), and gradients are all-reduced once at the end."""
         wrapper = self.trainer.strategy.model
-        with wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext():
-            self.manual_backward(loss)
+        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext()
 
     def _all_reduce_gradients(self) -> None:
         """Averages every trainable parameter's gradient over ranks, in one flat buffer."""
@@ -112,46 +118,56 @@ class SamTrainingModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         keep_visual = bool(self.overlay_every_n_steps) and self.global_step % self.overlay_every_n_steps == 0
         optimizer.zero_grad()
-        embeddings = self.sam.image_encoder(self.sam.normalize_padded(batch["image"], batch["input_size"]))
+        embeddings = self.sam.image_encoder(
+            self.sam.normalize_padded(batch["image"], batch["input_size"]), generator=self._generator(DROP_PATH)
+        )
         leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
         gt, image_index = batch["masks"], batch["image_index"]
         norm = self._mask_count(gt.shape[0])
-        parts: list = []
-        first_iteration: list[IterationOutput] = []
-        last_logits: list[torch.Tensor] = []
+        parts: list[tuple[int, IterationLoss]] = []
+        first_prompts: list[tuple[torch.Tensor, torch.Tensor]] = []  # the prompts alone, not the logits
+        last_shown: list[torch.Tensor] = []
 
         def on_iteration(out: IterationOutput) -> None:
-            loss = sam_loss(out.logits, out.iou_pred, gt, self.loss_cfg)
+            loss = grouped_sam_loss(out.groups, gt, self.loss_cfg)
             if loss.total.requires_grad:
-                self._backward_unsynced(loss.total / norm)
-            parts.append((out.step, _detached(loss), out.iou_pred.detach()))
-            if not first_iteration:
-                first_iteration.append(out)
-            last_logits[:] = [out.logits.detach()]
+                with self._unsynced():
+                    self.manual_backward(loss.total / norm)  # scaled by fp16's loss scale, if any
+            parts.append((out.step, _detached(loss)))
+            if not first_prompts:
+                first_prompts.append((out.point_coords, out.point_labels))
+            last_shown[:] = [out.shown]
 
         # no click in the padding of a non-square image: a user never sees it
         valid = self._valid(batch)
-        run_rollout(self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid)
+        # image_index's run lengths on the host (collate_sam_samples gives them): the decoder groups
+        # prompts by image without reading image_index back from the device
+        counts = batch.get("masks_per_image")
+        host_index = None if counts is None else np.repeat(np.arange(len(counts)), counts)
+        run_rollout(
+            self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid, host_image_index=host_index
+        )
         if leaf.grad is not None:
-            self._backward_unsynced((embeddings * leaf.grad).sum())
+            # leaf.grad carries fp16's loss scale already: through autograd as it is (manual_backward
+            # would multiply the encoder's gradients by the scale a second time)
+            with self._unsynced():
+                embeddings.backward(leaf.grad)
         self._all_reduce_gradients()
-        if self.optim_cfg.gradient_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.gradient_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+        optimizer.step()  # clips in on_before_optimizer_step
         scheduler.step()
         if keep_visual:
-            self._keep_visual(batch, first_iteration, parts[-1][2].argmax(dim=1), last_logits)
-        total = sum(p.total for _, p, _ in parts) / norm
+            self._keep_visual(batch, first_prompts[0], last_shown[0])
+        total = sum(p.total for _, p in parts) / norm
         log = {
             "train/loss": total,
-            "train/focal": sum(p.focal for _, p, _ in parts) / norm,
-            "train/dice": sum(p.dice for _, p, _ in parts) / norm,
-            "train/iou_head": sum(p.iou for _, p, _ in parts) / norm,
+            "train/focal": sum(p.focal for _, p in parts) / norm,
+            "train/dice": sum(p.dice for _, p in parts) / norm,
+            "train/iou_head": sum(p.iou for _, p in parts) / norm,
             "train/lr": optimizer.param_groups[-1]["lr"],
         }
-        for step, p, iou_pred in parts:
+        for step, p in parts:
             log[f"train/miou_iter{step}"] = p.true_iou.mean()
-            log[f"train/iou_pred_error_iter{step}"] = (iou_pred.gather(1, p.best[:, None])[:, 0] - p.true_iou).abs().mean()
+            log[f"train/iou_pred_error_iter{step}"] = (p.predicted_iou - p.true_iou).abs().mean()
         for reason, n in self.skipped.items():
             log[f"data/skipped_{reason}"] = float(n)
         self.log_dict(log, prog_bar=False, batch_size=batch["image"].shape[0])
@@ -160,19 +176,18 @@ class SamTrainingModule(L.LightningModule):
 
     def _valid(self, batch: dict) -> torch.Tensor:
         """NxMxM bool: the image part of each mask's low-res frame (segany-eval clears the rest too)."""
-        mask_size = batch["masks"].shape[-1]
-        return valid_regions_from_input_size(batch["input_size"], batch["image_index"], self.sam.image_encoder.img_size, mask_size)
+        return valid_region(batch["valid_size"], batch["masks"].shape[-1])[batch["image_index"]]
 
-    def _keep_visual(self, batch: dict, first: list[IterationOutput], best: torch.Tensor, last: list[torch.Tensor]) -> None:
+    def _keep_visual(self, batch: dict, first_prompts: tuple[torch.Tensor, torch.Tensor], shown: torch.Tensor) -> None:
         """The first image's GT, final prediction and first prompts, for MaskOverlayCallback."""
         rows = (batch["image_index"] == 0).nonzero().squeeze(1)
-        final = last[0][rows, best[rows]] > self.sam.mask_threshold
+        final = shown[rows] > self.sam.mask_threshold
         self.last_visual = {
             "image": batch["image"][0],
             "gt": batch["masks"][rows],
             "pred": final,
-            "point_coords": first[0].point_coords[rows],
-            "point_labels": first[0].point_labels[rows],
+            "point_coords": first_prompts[0][rows],
+            "point_labels": first_prompts[1][rows],
         }
 
     @torch.no_grad()
@@ -189,6 +204,13 @@ class SamTrainingModule(L.LightningModule):
         for k in EVAL_CLICKS:
             if k in ious:
                 self.log(f"val/miou_{k}_clicks", ious[k].mean(), batch_size=ious[k].shape[0], sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradient clipping. Lightning calls this inside `optimizer.step()` once fp16's loss scale is
+        out of the gradients (before `step()` they still carry it, and the clipped norm would be the
+        scaled one); with bf16 or fp32 there is no scale and this is the same point."""
+        if self.optim_cfg.gradient_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.gradient_clip, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.sam, self.optim_cfg, self.sam.config.encoder_depth)

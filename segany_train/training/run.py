@@ -166,6 +166,8 @@ def check_training_values(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps", -1)
     if not _is_integer(max_steps) or max_steps == 0 or max_steps < -1:  # -1: Lightning's "no step limit"
         raise RunConfigError(f"trainer.max_steps must be a positive integer (or -1 for no limit), got {max_steps!r}")
+    if cfg.callbacks.save_last not in (True, False, "link"):
+        raise RunConfigError(f"callbacks.save_last must be link, true or false, got {cfg.callbacks.save_last!r}")
     for key in ("batch_size", "max_masks"):
         if not _is_integer(cfg.data[key]) or cfg.data[key] < 1:
             raise RunConfigError(f"data.{key} must be an integer of at least 1, got {cfg.data[key]!r}")
@@ -236,7 +238,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     datamodule = build_datamodule(cfg, sam)
     callbacks = [] if fast else [
-        ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps, save_last=True)
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            every_n_train_steps=cfg.callbacks.checkpoint_every_n_steps,
+            save_last=cfg.callbacks.save_last,
+        )
     ]
     if cfg.logger.log_images_every_n_steps and not fast:
         callbacks.append(MaskOverlayCallback(cfg.logger.log_images_every_n_steps, run_dir / "overlays"))
