@@ -35,9 +35,11 @@ def engine_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, sub
 def test_no_lightning_warning_reaches_the_console(engine_run):
     _, first, _ = engine_run
     output = first.stdout + first.stderr
-    # Python prints a warning as "<file>.py:<line>: <message>"; Lightning's tips name litlogger
-    assert not re.search(r"\.py:\d+: ", output), output[:3000]
-    assert "litlogger" not in output and "Warning" not in output
+    # Python prints a warning as "<file>.py:<line>: <message>", here a file of Lightning's (or of
+    # torch's, for its deprecation of what Lightning calls); Lightning's tips name litlogger. The
+    # project's own warnings (a sample skipped, with why) stay.
+    assert not re.search(r"/(lightning|lightning_fabric|pytorch_lightning|torch)/\S+\.py:\d+: ", output), output[:3000]
+    assert "litlogger" not in output
     assert "Total params" not in output  # no model summary per retrain either
 
 
