@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.atomic_files import write_bytes_atomically
+from segany_train.atomic_files import finite_or_null, write_bytes_atomically
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, check_max_dets
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         result["amg"].update(generator=generator_settings(args).as_kwargs(), seconds=round(time.perf_counter() - start, 3))
     try:  # whole files or none: a full disk fails here, after the work, in one line
         args.out.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomically(args.out / "eval.json", (json.dumps(result, indent=1) + "\n").encode())
+        write_bytes_atomically(args.out / "eval.json", (json.dumps(finite_or_null(result), indent=1, allow_nan=False) + "\n").encode())
         write_bytes_atomically(args.out / "eval.md", render_markdown(result).encode())
     except OSError as error:
         sys.exit(f"segany-eval: error: {describe_os_error(error, rerun='segany-eval evaluates again')}")
