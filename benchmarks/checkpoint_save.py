@@ -57,7 +57,7 @@ def main() -> None:
         size = path.stat().st_size
     save_s, sync_s = statistics.median(returned), statistics.median(synced)
     scale = checkpoint_bytes_of("vit_h") / size
-    print(f"| model | checkpoint GB | torch.save s | on disk (fsync) s | MB/s on disk |")
+    print("| model | checkpoint GB | torch.save s | on disk (fsync) s | MB/s on disk |")
     print("|---|---:|---:|---:|---:|")
     print(f"| {args.model} (measured, median of {args.repeats}) | {size / 1e9:.2f} | {save_s:.2f} | {sync_s:.2f} | {size / 1e6 / sync_s:.0f} |")
     print(f"| vit_h (projected by size) | {size * scale / 1e9:.2f} | {save_s * scale:.1f} | {sync_s * scale:.1f} | |")

@@ -6,6 +6,7 @@ in, never duplicating or losing an image. A shard is streamed image by image, an
 with the GT as RLEs.
 """
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,9 +115,14 @@ def annotate_shards(
     return resume_outputs(out_dir, ANNOTATED_PREFIX, len(input_shards), images_of, first_index=first_index)
 
 
+def _known(value: float | None) -> float:
+    """A per-image figure read back from a stats file: unknown ones (NaN) are written as null."""
+    return math.nan if value is None else value
+
+
 def summarize_images(images: list[dict[str, Any]]) -> dict[str, float]:
     """Per-round statistics from per-image ones: seconds and clicks per new mask, masks per image,
-    brush rate, pre-filled masks per image and their precision."""
+    brush rate, pre-filled masks per image and their precision (NaN where a figure is unknown)."""
     n_images = max(len(images), 1)
     new = sum(i["new_masks"] for i in images)
     prefilled = sum(i["prefilled"] for i in images)
@@ -125,10 +131,10 @@ def summarize_images(images: list[dict[str, Any]]) -> dict[str, float]:
         "masks": sum(i["masks"] for i in images),
         "masks_per_image": sum(i["masks"] for i in images) / n_images,
         "new_masks_per_image": new / n_images,
-        "seconds_per_mask": sum(i["seconds"] for i in images) / max(new, 1),
-        "clicks_per_mask": sum(i["clicks"] for i in images) / max(new, 1),
+        "seconds_per_mask": sum(_known(i["seconds"]) for i in images) / max(new, 1),
+        "clicks_per_mask": sum(_known(i["clicks"]) for i in images) / max(new, 1),
         "brush_rate": sum(i["brush_masks"] for i in images) / max(new, 1),
-        "mean_mask_iou": float(np.mean([v for i in images for v in i["mask_ious"]])) if new else 0.0,
+        "mean_mask_iou": float(np.mean([_known(v) for i in images for v in i["mask_ious"]])) if new else 0.0,
         "moved_on_rate": sum(i["moved_on"] for i in images) / n_images,
         "prefilled_per_image": prefilled / n_images,
         "prefilled_accepted_per_image": sum(i["prefilled_accepted"] for i in images) / n_images,

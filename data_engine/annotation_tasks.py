@@ -37,7 +37,7 @@ from data_engine.shard_outputs import OutputImage, resume_outputs
 from segany_train.data.coco import CocoConversionWarning, CocoImageConverter, images_with_annotations
 from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import annotation_from_mask, make_record
-from segany_train.data.shard_writer import write_json_atomically
+from segany_train.atomic_files import write_json_atomically
 
 TASKS_FILE = "tasks.json"
 INDEX_FILE = "task_index.json"

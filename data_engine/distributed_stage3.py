@@ -19,6 +19,7 @@ multi-GPU jobs all split the same way; `task_id` and `num_tasks` override it.
 
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from data_engine.automatic_step import completed_shard, generate_one_shard, summ
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.pipeline import expand_shard_patterns
-from segany_train.data.shard_writer import write_json_atomically, write_manifest
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import write_manifest
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany_train.model import build_sam_from_checkpoint
+from segany_train.os_errors import describe_os_error
 
 INPUTS_NAME = "inputs.json"
 QUALITY_NAME = "quality.json"
@@ -192,7 +195,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="engine/distributed_stage3")
 def main(cfg: DictConfig) -> None:
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except OSError as error:  # a full disk: complete outputs are kept, the shard being written is dropped
+        sys.exit(f"segany-stage3: error: {describe_os_error(error, rerun='complete shards are skipped')}")
     if cfg.mode == "merge":
         print(f"merged {len(result['shards'])} shard(s) into {Path(cfg.out_dir) / 'manifest.json'}")
         print(json.dumps(result["quality"], indent=1, sort_keys=True))

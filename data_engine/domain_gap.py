@@ -26,7 +26,6 @@ even `pool_gt` misses a target there, perfect annotation in every round would no
 """
 
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from data_engine.engine import Engine, prepare_corpus
 from data_engine.engine_config_check import check_engine_config
 from data_engine.shard_outputs import completed_output
 from data_engine.threshold_sweep import sweep_automatic
+from segany_train.atomic_files import write_json_atomically
 from segany_train.amg.generator_settings import GeneratorSettings
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import lock_directory
@@ -159,7 +159,7 @@ def measure_domain_gap(cfg: DictConfig) -> dict[str, Any]:
             "verdict": domain_verdict(*(models[name]["miou_1"] for name in ("seed", "pool_gt", "control"))),
             "ceilings": target_ceilings(engine, split, {"seed": seed, "pool_gt": pool_gt}),
         }
-        (Path(cfg.run_dir) / RESULT_FILE).write_text(json.dumps(result, indent=1))
+        write_json_atomically(Path(cfg.run_dir) / RESULT_FILE, result)  # valid JSON: NaN as null
         return result
 
 

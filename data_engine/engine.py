@@ -13,6 +13,7 @@ round waits, exiting with status 3, until the tool's result is in place.
 """
 
 import itertools
+import logging
 import os
 import sys
 from dataclasses import replace
@@ -32,7 +33,8 @@ from data_engine.automatic_step import generate_shards, summarize_quality
 from data_engine.corpus import CorpusSplit, LabelledImage, read_labelled_images, split_corpus
 from data_engine.engine_config_check import check_engine_config
 from data_engine.ledger import RunLedger
-from data_engine.report import save_overlays, write_report
+from data_engine.progress import CycleProgress, PlannedStep, plan_cycle, round_summary
+from data_engine.report import AutomaticExample, save_overlays, write_report
 from data_engine.retraining import compose_training_config, retrain
 from data_engine.targets import engine_summary
 from data_engine.threshold_sweep import choose_thresholds, sweep_automatic, sweep_prefill
@@ -48,7 +50,9 @@ from segany_train.inference.predictor import SamPredictor
 from segany_train.inference.precision import check_precision
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.model.seed_model import resolve_seed_checkpoint
+from segany_train.os_errors import describe_os_error
 
+log = logging.getLogger(__name__)
 ANNOTATOR_KINDS = ("simulated", "coco_tasks", "label_studio")
 EXIT_AWAITING_ANNOTATION = 3  # segany-engine's exit status while a round waits for a real tool's result
 
@@ -88,6 +92,13 @@ def _shard_list(results: list[dict[str, Any]]) -> list[str]:
     return [s for r in results for s in r["shards"]]
 
 
+def _imported(step: str, out: dict[str, Any]) -> str:
+    """What a real tool's result brought into the round, in one line."""
+    images = out["images"]
+    skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(out["skipped"].items()) if n) or "nothing"
+    return f"{step}: imported {len(images)} images with {sum(i['masks'] for i in images)} masks; skipped: {skipped}"
+
+
 class Engine:
     """One engine run: the corpus split, the ledger, and the current model between steps."""
 
@@ -107,6 +118,18 @@ class Engine:
         # one lr schedule over the whole cycle: every retrain continues the training run before it
         self.total_train_steps = self.cycle_steps + (0 if self.seed_weights else cfg.seed_model.train_steps)
         self.rows: list[dict[str, Any]] = []
+        self.rounds = {"stage1": cfg.stage1.rounds, "stage2": cfg.stage2.rounds}
+
+    def show_progress(self, plan: list[PlannedStep]) -> None:
+        """Logs a line as each step of `plan` starts (progress.py)."""
+        wall_seconds = self.ledger.state.setdefault("wall_seconds", {})
+        self.ledger.on_start = CycleProgress(plan, wall_seconds, set(self.ledger.state["steps"]), self.rounds).started
+
+    def _add_row(self, row: dict[str, Any]) -> None:
+        """A row of the report, logged as the round's summary line."""
+        self.rows.append(row)
+        seed = next((r for r in self.rows if r["stage"] == "seed"), None)
+        log.info(round_summary(row, seed, self.rounds))
 
     def _relative(self, path: str) -> str:
         # abspath, not resolve: a retrain returns checkpoints/last.ckpt, a link (save_last: link) whose
@@ -174,6 +197,7 @@ class Engine:
 
                     sync_round(step_dir / "tasks", settings=self.cfg.annotator.label_studio, title=f"{self.run_dir.name} {step}", checkpoint=checkpoint)
                 out = import_annotations(step_dir / "tasks", step_dir, first_index=first_index)
+                log.info(_imported(step, out))
             else:
                 predictor = SamPredictor(self._model(checkpoint), precision=self.precision)
                 out = annotate_shards(
@@ -193,7 +217,7 @@ class Engine:
     def run(self, split: CorpusSplit) -> Path:
         cfg = self.cfg
         seed = self.seed_weights or self.train_step("seed/train", split.seed, None, cfg.seed_model.train_steps, split.holdout)
-        self.rows.append({"stage": "seed", "round": None, **self.evaluate_step("seed/eval", seed, split.holdout)})
+        self._add_row({"stage": "seed", "round": None, **self.evaluate_step("seed/eval", seed, split.holdout)})
         checkpoint = seed
         annotated: list[dict[str, Any]] = []
         chunk = 0
@@ -212,13 +236,13 @@ class Engine:
                 steps = cfg[stage].train_steps
                 shards = _shard_list(annotated) + (split.seed if cfg.training.keep_seed_data else [])
                 checkpoint = self.train_step(f"{step}/train", shards, checkpoint, steps, split.holdout)
-                self.rows.append({"stage": stage, "round": r, **ann["stats"], **self.evaluate_step(f"{step}/eval", checkpoint, split.holdout)})
+                self._add_row({"stage": stage, "round": r, **ann["stats"], **self.evaluate_step(f"{step}/eval", checkpoint, split.holdout)})
         quality, overlays = self.automatic_stage(checkpoint, split, _shard_list(annotated))
         if cfg.control.enabled:
             # the same number of steps from the same seed on the seed split alone: does the gain come
             # from the engine's masks, or just from training longer?
             control = self.train_step("control/train", split.seed, seed, self.cycle_steps, split.holdout)
-            self.rows.append({"stage": "control", "round": None, **self.evaluate_step("control/eval", control, split.holdout)})
+            self._add_row({"stage": "control", "round": None, **self.evaluate_step("control/eval", control, split.holdout)})
         summary = engine_summary(self.rows, quality)
         self.ledger.record_summary(summary)
         notes = [
@@ -259,16 +283,16 @@ class Engine:
         auto = self.ledger.run("stage3/generate", generate)
         auto_shards = [self._absolute(s) for s in auto["shards"]]
         quality = auto["quality"]
-        self.rows.append({"stage": "stage3", "round": None, "images": quality["images"], "masks_per_image": quality["masks_per_image"]})
+        self._add_row({"stage": "stage3", "round": None, "images": quality["images"], "masks_per_image": quality["masks_per_image"]})
         # the generator may keep no mask at all (thresholds above what the model's IoU head reads):
         # the report shows 0 masks, and the final retrain has only the manual masks, if mixed in
-        overlays = self._overlays(auto_shards[:1]) if auto_shards else []
+        overlays = self._overlays(auto_shards[:1], split.pool) if auto_shards else []
         mix = manual * cfg.stage3.oversample_manual if cfg.stage3.mix_manual else []
         if retrain_after and cfg.stage3.train_steps and auto_shards + mix:
             # the paper's final SAM trained on automatic masks only; mixing in the manual masks, each
             # shard listed `oversample_manual` times, is the ablation that helped slightly
             final = self.train_step("stage3/train", auto_shards + mix, checkpoint, cfg.stage3.train_steps, split.holdout)
-            self.rows.append({"stage": "final", "round": None, **self.evaluate_step("stage3/eval", final, split.holdout)})
+            self._add_row({"stage": "final", "round": None, **self.evaluate_step("stage3/eval", final, split.holdout)})
         return quality, overlays
 
     def _threshold_notes(self) -> list[str]:
@@ -343,12 +367,21 @@ class Engine:
         chosen = self.ledger.run("stage3/thresholds", work)["chosen"]
         return replace(settings, pred_iou_thresh=chosen["pred_iou_thresh"], stability_score_thresh=chosen["stability_score_thresh"])
 
-    def _overlays(self, shards: list[str]) -> list[Path]:
-        examples = []
-        for item in read_labelled_images(shards):
-            examples.append((item.key, item.image, item.gt_masks))  # the shard's masks are the automatic ones
-            if len(examples) >= self.cfg.report.overlays:
-                break
+    def _overlays(self, shards: list[str], inputs: list[str]) -> list[Path]:
+        """The report's overlays: the first images of `shards` (automatic masks) beside their GT,
+        found in the `inputs` they were generated from."""
+        automatic = list(itertools.islice(read_labelled_images(shards), self.cfg.report.overlays))
+        wanted = {item.key for item in automatic}
+        gt: dict[str, list[np.ndarray]] = {}
+        for item in read_labelled_images(inputs):
+            if item.key in wanted:
+                gt[item.key] = item.gt_masks
+                if len(gt) == len(wanted):
+                    break
+        examples = [
+            AutomaticExample(item.key, item.image, gt.get(item.key, []), item.gt_masks, [a["predicted_iou"] for a in item.record["annotations"]])
+            for item in automatic  # the automatic shard's masks are its "GT"
+        ]
         return save_overlays(examples, self.run_dir / "overlays")
 
 
@@ -371,10 +404,12 @@ def run_engine(cfg: DictConfig) -> Path:
         np.random.seed(cfg.seed)
         prepare_corpus(cfg)
         engine = Engine(cfg)
+        log.info("run directory %s (engine.json: finished steps; engine.log: this log)", engine.run_dir)
         if cfg.only == "stage3":
             if not cfg.checkpoint:
                 raise ValueError("only=stage3 needs checkpoint=<a segany-train .ckpt or official .pth>")
             split = CorpusSplit(seed=[], chunks=[expand_shard_patterns(cfg.corpus.shards)], holdout=[])
+            engine.show_progress([PlannedStep("stage3/generate")])
             # a team's own images: the masks are the product; no held-out set to retrain against
             quality, overlays = engine.automatic_stage(str(Path(cfg.checkpoint).resolve()), split, manual=[], retrain_after=False)
             return write_report(engine.run_dir, engine.rows, quality, overlays, [f"stage 3 alone with {cfg.checkpoint}"])
@@ -382,6 +417,7 @@ def run_engine(cfg: DictConfig) -> Path:
             raise ValueError(f"only must be null or stage3, got {cfg.only!r}")
         rounds = cfg.stage1.rounds + cfg.stage2.rounds
         split = split_corpus(cfg.corpus.shards, seed=cfg.seed_model.shards, holdout_shards=cfg.corpus.holdout_shards, rounds=rounds)
+        engine.show_progress(plan_cycle(cfg, train_seed=engine.seed_weights is None))
         return engine.run(split)
 
 
@@ -390,10 +426,12 @@ def main(cfg: DictConfig) -> None:
     try:
         report = run_engine(cfg)
     except AwaitingAnnotation as waiting:  # annotator.kind=coco_tasks or label_studio: a round's tasks are out
-        print(f"waiting for annotations: {waiting}", file=sys.stderr)
+        log.warning("waiting for annotations: %s", waiting)  # the console and engine.log
         sys.exit(EXIT_AWAITING_ANNOTATION)
     except DirectoryLocked as locked:  # another segany-engine runs in this run directory
         sys.exit(f"segany-engine: error: {locked}")
+    except OSError as error:  # a full disk
+        sys.exit(f"segany-engine: error: {describe_os_error(error, rerun='the engine resumes in the step that failed')}")
     print(report.read_text())
     print(f"\nreport: {report}")
 

@@ -41,7 +41,7 @@ from data_engine.annotation_tasks import (
 from segany_train.data.brush_rle import brush_rle_to_mask
 from segany_train.data.coco import CocoConversionWarning
 from segany_train.data.sa1b import annotation_from_mask
-from segany_train.data.shard_writer import write_json_atomically
+from segany_train.atomic_files import write_json_atomically
 from segany_train.label_studio.client import LabelStudioClient, LabelStudioError
 from segany_train.label_studio.regions import LabelingSchema, brush_region
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segany_train.data.shard_writer import write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
 
 MANIFEST = "engine.json"
 # settings that change how a run is shown, not what it computes: resuming with another value is fine
@@ -41,6 +41,7 @@ class RunLedger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / MANIFEST
+        self.on_start: Callable[[str], None] | None = None  # told each step's name as it starts (progress.py)
         config = _without_tool_connection(config)
         computed = {k: v for k, v in config.items() if k not in PRESENTATION_KEYS}
         digest = hashlib.sha256(json.dumps(computed, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -53,7 +54,7 @@ class RunLedger:
                 )
         else:
             self.state = {"config_digest": digest, "steps": {}, "order": []}
-            (self.run_dir / "engine_config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            write_bytes_atomically(self.run_dir / "engine_config.json", json.dumps(config, indent=1, sort_keys=True, default=str).encode())
             self._save()
 
     def _save(self) -> None:
@@ -75,6 +76,8 @@ class RunLedger:
         done = self.result(step)
         if done is not None:
             return done
+        if self.on_start is not None:
+            self.on_start(step)
         start = time.perf_counter()
         result = work()
         # wall time of the run that finished the step (a resumed step counts its last attempt only)

@@ -1,6 +1,7 @@
 """The engine's report: a markdown table of every round, PNG plots of the trends, automatic-mask overlays."""
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_engine.targets import targets_table  # noqa: E402
-from segany_train.inference.mask_overlay import render_overlay  # noqa: E402
+from segany_train.inference.overlay_panels import Panel, match_to_objects, render_panels  # noqa: E402
 
 COLUMNS = [
     ("stage", "stage", "{}"),
@@ -29,12 +30,21 @@ COLUMNS = [
     ("miou_5", "held-out mIoU@5", "{:.3f}"),
     ("iou_head_spearman", "IoU-head Spearman", "{:.2f}"),
 ]
+# (row key, panel title, y-axis label, fixed y range or None: from 0 to above the highest value)
 PLOTS = [
-    ("masks_per_image", "masks per image"),
-    ("seconds_per_mask", "seconds per mask"),
-    ("miou_1", "held-out mIoU after 1 click"),
-    ("miou_5", "held-out mIoU after 5 clicks"),
+    ("masks_per_image", "masks per image", "masks per image", None),
+    ("seconds_per_mask", "seconds per mask", "seconds per new mask", None),
+    ("miou_1", "held-out mIoU after 1 click", "mIoU (0-1)", (0.0, 1.0)),
+    ("miou_5", "held-out mIoU after 5 clicks", "mIoU (0-1)", (0.0, 1.0)),
 ]
+STAGE_COLOURS = {"seed": "grey", "stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green", "final": "tab:green", "control": "tab:red"}
+STAGE_NAMES = {
+    "seed": "seed model",
+    "stage1": "stage 1 (assisted-manual)",
+    "stage2": "stage 2 (semi-automatic)",
+    "stage3": "stage 3 / final retrain",
+    "control": "control (seed split only)",
+}
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -51,37 +61,74 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([head, rule, *body])
 
 
-def plot_trends(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per statistic, rounds in order along x, coloured by stage."""
-    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.4))
+def trends_figure(rows: list[dict[str, Any]]) -> plt.Figure:
+    """One panel per statistic, rounds in order along x, coloured by stage (legend below the panels).
+    Each y axis starts at 0 (mIoU: 0 to 1), so a flat line looks flat: an axis scaled to the data's
+    own range would show noise as movement."""
+    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.4 * len(PLOTS), 4.0))
     labels = [r["stage"] if r["round"] is None else f"{r['stage']} r{r['round']}" for r in rows]
-    colours = {"seed": "grey", "stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green", "final": "tab:green", "control": "tab:red"}
-    for ax, (key, title) in zip(axes, PLOTS):
+    for ax, (key, title, ylabel, limits) in zip(axes, PLOTS):
         xs = [i for i, r in enumerate(rows) if r.get(key) is not None and not math.isnan(r[key])]
         line = [i for i in xs if rows[i]["stage"] != "control"]  # the control is beside the cycle, not in it
         ax.plot(line, [rows[i][key] for i in line], color="lightgrey", zorder=1)
-        ax.scatter(xs, [rows[i][key] for i in xs], c=[colours.get(rows[i]["stage"], "k") for i in xs], zorder=2)
+        ax.scatter(xs, [rows[i][key] for i in xs], c=[STAGE_COLOURS.get(rows[i]["stage"], "k") for i in xs], zorder=2)
         ci = [i for i in xs if rows[i].get(f"{key}_ci")]
         if ci:  # 95% bootstrap intervals
             low = [rows[i][key] - rows[i][f"{key}_ci"][0] for i in ci]
             high = [rows[i][f"{key}_ci"][1] - rows[i][key] for i in ci]
             ax.errorbar(ci, [rows[i][key] for i in ci], yerr=[low, high], fmt="none", ecolor="k", elinewidth=0.8, capsize=2, zorder=3)
+        highest = max((rows[i][key] for i in xs), default=1.0)
+        ax.set_ylim(limits or (0.0, max(highest, 1e-9) * 1.15))
         ax.set_title(title)
+        ax.set_ylabel(ylabel)
         ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    shown = {r["stage"] if r["stage"] != "final" else "stage3" for r in rows}
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=STAGE_COLOURS[stage], label=name)
+        for stage, name in STAGE_NAMES.items()
+        if stage in shown
+    ]
+    handles.append(plt.Line2D([], [], color="k", linewidth=0.8, label="95% interval over images"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_trends(rows: list[dict[str, Any]], path: Path) -> Path:
+    """trends_figure as a PNG."""
+    fig = trends_figure(rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def save_overlays(examples: list[tuple[str, np.ndarray, list[np.ndarray]]], directory: Path) -> list[Path]:
-    """(name, HxWx3 image, masks) -> one overlay PNG each."""
+@dataclass
+class AutomaticExample:
+    """One stage-3 image for the report: its automatic masks with their predicted IoUs, and the GT."""
+
+    name: str
+    image: np.ndarray
+    gt_masks: list[np.ndarray]
+    masks: list[np.ndarray]
+    predicted_ious: list[float]
+
+
+def save_overlays(examples: list[AutomaticExample], directory: Path) -> list[Path]:
+    """One PNG per example: GT | automatic masks, each written with its predicted IoU; an automatic
+    mask matching a GT object (IoU >= 0.5) has that object's colour."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, image, masks in examples:
-        path = directory / f"{name}.png"
-        Image.fromarray(render_overlay(image, masks)).save(path)
+    for example in examples:
+        gt = Panel(f"GT objects: {len(example.gt_masks)}" if example.gt_masks else "GT: none in the input", example.gt_masks)
+        automatic = Panel(
+            f"automatic masks: {len(example.masks)}, with predicted IoU",
+            example.masks,
+            objects=match_to_objects(example.masks, example.gt_masks),
+            scores=example.predicted_ious,
+        )
+        path = directory / f"{example.name}.png"
+        Image.fromarray(render_panels(example.image, [gt, automatic])).save(path)
         paths.append(path)
     return paths
 

@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segany_train.config_paths import CONFIG_DIR
+from segany_train.training.lightning_warnings import continued_run_warnings_filtered
 from segany_train.training.run import train
 
 
@@ -73,7 +74,9 @@ def retrain(
             cfg.optim.milestones = [int(total * 2 / 3), int(total * 26 / 27)]
         cfg.logger = OmegaConf.merge(cfg.logger, {"kind": "csv", "log_images_every_n_steps": 0})
         cfg.callbacks.progress_bar = progress
-    train(cfg)
+        cfg.trainer.enable_model_summary = False  # the same model every round: the engine's log says which
+    with continued_run_warnings_filtered():  # one run continued round after round (lightning_warnings.py)
+        train(cfg)
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.exists():
         raise RuntimeError(f"training in {run_dir} finished without writing {last}")

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter
 
 # one image of an input shard: its statistics, and the (key, JPEG, SA-1B record) to write, or None
 # when the image kept no mask (it is counted, not written)

@@ -35,8 +35,8 @@ from segany_train.data.folder_conversion import FolderConversionReport, FolderSo
 from segany_train.data.image_decoding import decode_record_image
 from segany_train.data.pipeline import expand_shard_patterns, read_records
 from segany_train.data.rle import pycocotools_rle
-from segany_train.data.shard_writer import write_json_atomically
-from segany_train.inference.mask_overlay import render_overlay
+from segany_train.atomic_files import write_json_atomically
+from segany_train.inference.overlay_panels import Panel, render_panels
 from segany_train.inference.predictor import SamPredictor
 from segany_train.model import Sam, build_sam_from_checkpoint
 from segany_train.model.checkpoint import load_checkpoint_file
@@ -131,33 +131,43 @@ def _cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str,
     return value
 
 
-def _one_click_masks(sam: Sam, image: np.ndarray, gt: list[np.ndarray]) -> list[np.ndarray]:
-    """Each GT mask's prediction from one click at its most interior point (the best of 3 by predicted IoU)."""
+def _one_click_masks(sam: Sam, image: np.ndarray, gt: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[float, float, bool]]]:
+    """Each GT mask's prediction from one click at its most interior point (the best of 3 by
+    predicted IoU), and the clicks."""
     predictor = SamPredictor(sam)
     predictor.set_image(image)
-    out = []
+    out, clicks = [], []
     for mask in gt:
         distance = distance_to_boundary(torch.from_numpy(mask)[None])[0]
         y, x = np.unravel_index(int(distance.argmax()), mask.shape)
         masks, scores, _ = predictor.predict(point_coords=np.array([[x + 0.5, y + 0.5]]), point_labels=np.array([1]))
         out.append(masks[int(np.argmax(scores))])
-    return out
+        clicks.append((x + 0.5, y + 0.5, True))
+    return out, clicks
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 0.0
 
 
 def write_overlays(before: Sam, after: Sam, shards: list[str], out_dir: Path, *, count: int) -> list[Path]:
-    """PNG per held-out image (the first `count`): GT | starting model | fine-tuned model, one click per object."""
+    """PNG per held-out image (the first `count`): GT | starting model | fine-tuned model, one click
+    per object (drawn), each prediction in its object's colour and written with its IoU to the GT."""
     written: list[Path] = []
     if count <= 0:
         return written
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, jpeg, record in read_records(shards):
         image = decode_record_image(jpeg, record)
-        h = image.shape[0]
         gt = [mask_utils.decode(pycocotools_rle(a["segmentation"])).astype(bool) for a in record["annotations"]]
-        panels = [render_overlay(image, gt)] + [render_overlay(image, _one_click_masks(sam, image, gt)) for sam in (before, after)]
-        gap = np.full((h, 4, 3), 255, np.uint8)
+        panels = [Panel(f"GT objects: {len(gt)}", gt)]
+        for name, sam in (("before (start)", before), ("after (fine-tuned)", after)):
+            masks, clicks = _one_click_masks(sam, image, gt)
+            ious = [_mask_iou(m, g) for m, g in zip(masks, gt)]
+            panels.append(Panel(f"{name}: mIoU {np.mean(ious):.2f}" if ious else name, masks, scores=ious, clicks=clicks))
         path = out_dir / f"{key}.png"
-        Image.fromarray(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)).save(path)
+        Image.fromarray(render_panels(image, panels)).save(path)
         written.append(path)
         if len(written) >= count:
             break
@@ -192,7 +202,7 @@ def render_report(summary: dict[str, Any]) -> str:
     for name, figures in (("before (start)", before), ("after (fine-tuned)", after)):
         spearman = figures.get("iou_head_spearman")
         lines.append(f"| {name} | {_interval(figures, 1)} | {_interval(figures, 5)} | {'-' if spearman is None else f'{spearman:.2f}'} |")
-    lines += ["", "Overlays (GT | before | after, one click per object):", ""]
+    lines += ["", "Overlays: GT | before | after, one click per object (green dot), each mask in its object's colour with its IoU to the GT:", ""]
     lines += [f"![{Path(p).stem}]({Path(p).relative_to(Path(summary['report_dir'])).as_posix()})" for p in summary["overlays"]]
     return "\n".join(lines) + "\n"
 
@@ -216,8 +226,15 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
         )
     except (ValueError, FileExistsError) as error:  # a folder with no image, two images of one name, ...
         raise FinetuneConfigError(f"data.folder {cfg.data.folder}: {error}") from None
-    if not any(r.images_written + r.images_resumed for r in conversion.splits.values()):
+    usable = {name: r.images_written + r.images_resumed for name, r in conversion.splits.items()}
+    if not any(usable.values()):
         raise FinetuneConfigError(f"data.folder {cfg.data.folder}: no usable image ({conversion.summary()})")
+    if not all(usable.values()):  # nothing to train on, or nothing held out to score before and after
+        raise FinetuneConfigError(
+            f"data.folder {cfg.data.folder}: too few images: {sum(usable.values())} usable, {usable['train']} to train on and "
+            f"{usable['val']} held out ({conversion.summary()}); fine-tuning needs at least one of each, so at least 2 usable "
+            f"images and data.val_fraction above 0 (it is {cfg.data.val_fraction})"
+        )
     val_shards = expand_shard_patterns([str(cfg.data.val_shards)])
     evaluation = {"max_images": cfg.finetune.eval_max_images, "batch_size": int(cfg.finetune.eval_batch_size), "seed": int(cfg.seed)}
     before = _cached_json(
@@ -257,6 +274,21 @@ def finetune_folder(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+CHECKPOINT_EVERY = 50  # experiment=finetune_folder's callbacks.checkpoint_every_n_steps, said in --help
+
+
+def max_time(value: str) -> str:
+    """A `--max-time` value, DD:HH:MM:SS as Lightning's Trainer(max_time) takes it, checked here so
+    that a typo fails at once rather than after the conversion and the first evaluation."""
+    parts = value.split(":")
+    limits = (None, 24, 60, 60)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts) or any(limit and int(p) >= limit for p, limit in zip(parts, limits)):
+        raise argparse.ArgumentTypeError(f"expected DD:HH:MM:SS (e.g. 00:01:30:00 for an hour and a half), got {value!r}")
+    if not any(int(p) for p in parts):
+        raise argparse.ArgumentTypeError("a --max-time of 00:00:00:00 leaves no time to train")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """`segany-finetune PATH`: `segany-train experiment=finetune_folder data.folder=PATH` with a few options."""
     from hydra import compose, initialize_config_dir
@@ -267,9 +299,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="images/ + labels/ (label maps) or masks/, or a CSV of image,mask rows")
     parser.add_argument("--mode", choices=MODES, default="decoder")
     parser.add_argument("--checkpoint", default="builtin", help="starting model (default: the shipped seed model)")
-    parser.add_argument("--run-dir", type=Path, help="default: outputs/finetune_<folder name>_<mode>")
-    parser.add_argument("overrides", nargs="*", help="further segany-train overrides, e.g. trainer.max_steps=500")
+    parser.add_argument("--run-dir", type=Path, help="default: outputs/finetune_<folder name>_<mode>; the model is <run dir>/checkpoints/last.ckpt")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps to train (default 300, experiment=finetune_folder's trainer.max_steps)")
+    parser.add_argument(
+        "--max-time",
+        type=max_time,
+        metavar="DD:HH:MM:SS",
+        help="also stop training after this wall-clock time, days:hours:minutes:seconds (00:00:10:00 is 10 minutes); "
+        f"the last checkpoint written (every {CHECKPOINT_EVERY} steps) is the one scored",
+    )
+    parser.add_argument("overrides", nargs="*", help="further segany-train overrides, e.g. optim.lr=1e-4")
     args = parser.parse_intermixed_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
     run_dir = args.run_dir or Path("outputs") / f"finetune_{Path(args.folder).stem}_{args.mode}"
     overrides = [
         "experiment=finetune_folder",
@@ -277,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         f"finetune.mode={args.mode}",
         f"model.checkpoint={args.checkpoint}",
         f"run_dir={run_dir}",
+        *([f"trainer.max_steps={args.max_steps}"] if args.max_steps is not None else []),
+        *([f"+trainer.max_time='{args.max_time}'"] if args.max_time is not None else []),
         *args.overrides,
     ]
     with initialize_config_dir(CONFIG_DIR, version_base=None):

@@ -1,7 +1,6 @@
 """Training entry point: `segany-train [hydra overrides]`. The work is `train(cfg)` in
 `segany_train/training/run.py`; `experiment=finetune_folder` runs the fine-tuning flow instead."""
 
-import errno
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from omegaconf import DictConfig
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.pipeline import NoUsableSamples
 from segany_train.model import SamCheckpointError
+from segany_train.os_errors import describe_os_error
 from segany_train.training.run import RunConfigError, train
 
 # how a worker's traceback names the error on its last line
@@ -30,21 +30,13 @@ def main(cfg: DictConfig) -> None:
     except (SamCheckpointError, FileNotFoundError, RunConfigError, FinetuneConfigError) as error:
         sys.exit(f"segany-train: error: {error}")
     except OSError as error:  # a full disk, a read-only run directory
-        sys.exit(f"segany-train: error: {describe_os_error(error)}")
+        sys.exit(f"segany-train: error: {describe_os_error(error, rerun='the run resumes from its last complete checkpoint')}")
     except NoUsableSamples as error:
         # from a DataLoader worker the message carries the worker's traceback; its last line is ours
         sys.exit(f"segany-train: error: {str(error).strip().splitlines()[-1].removeprefix(_NO_USABLE_SAMPLES_PREFIX)}")
     for key in sorted(metrics):
         if key.startswith("val/"):
             print(f"{key}: {metrics[key]:.4f}")
-
-
-def describe_os_error(error: OSError) -> str:
-    """One line for an OSError: which file, and what to do about a full disk."""
-    where = f" writing {error.filename}" if error.filename else ""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full{where} ({error.strerror}); free space and rerun: the run resumes from its last complete checkpoint"
-    return f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
 
 
 if __name__ == "__main__":

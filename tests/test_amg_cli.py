@@ -14,6 +14,7 @@ from segany_train.data.sa1b import decode_sample, encode_sample, validate_record
 from segany_train.data.synthetic import generate_image, write_synthetic_corpus
 from segany_train.inference import amg_cli
 from segany_train.inference.mask_overlay import distinct_colours, mask_outline, render_overlay
+from tests.full_disk import FullDirectory
 
 # a random-weight model keeps almost nothing under the official thresholds
 LOW_THRESHOLDS = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--box-nms-thresh", "0.9"]
@@ -113,6 +114,8 @@ def test_segany_amg_on_a_folder(image_folder, tmp_path, capsys):
     amg_cli.main(argv)
     captured = capsys.readouterr()
     assert "2 images: 1 done now, 0 done before, 1 unreadable" in captured.out
+    masks = len(json.loads((out / "scene.json").read_text())["annotations"])
+    assert f"; {masks} masks, {masks:.1f} per image (fewest {masks}, most {masks}); outputs in" in captured.out
     assert "broken.jpg" in captured.err and "warning" in captured.err
     assert sorted(p.name for p in out.iterdir()) == [".segany-amg-settings", "scene.json", "scene.png"]
 
@@ -168,6 +171,16 @@ def test_segany_amg_on_a_file_and_on_shards(tmp_path, capsys):
     assert (out / "one.json").exists() and (out / "one.png").exists()
 
 
+def test_segany_amg_says_when_an_image_gets_no_mask_and_which_thresholds_to_lower(image_folder, tmp_path, capsys):
+    # the official thresholds (0.88 / 0.95) keep nothing of a random model's masks
+    amg_cli.main([str(image_folder / "scene.png"), "--out", str(tmp_path / "out"), *MODEL, "--points-per-side", "4"])
+    captured = capsys.readouterr()
+    assert "1 images: 1 done now, 0 done before, 0 unreadable; 0 masks, 0.0 per image (fewest 0, most 0)" in captured.out
+    warning = next(line for line in captured.err.splitlines() if "no mask kept for" in line)
+    assert "scene.png" in warning and "--pred-iou-thresh 0.88" in warning and "--stability-score-thresh 0.95" in warning
+    assert "1 of 1 images got no mask" in captured.err
+
+
 @pytest.mark.parametrize(
     "source, message",
     [("missing_dir/*.tar", "matches no file"), ("notes.txt", "not a jpg/png/tif image")],
@@ -177,6 +190,34 @@ def test_segany_amg_one_line_errors(tmp_path, source, message):
     with pytest.raises(SystemExit) as exit_info:
         amg_cli.main([str(tmp_path / source), "--out", str(tmp_path / "out"), *MODEL])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+@pytest.mark.parametrize("full", ["out", "shards"])
+def test_a_full_disk_is_one_line_and_keeps_what_was_done(tmp_path, capsys, monkeypatch, full):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(generate_image(0, size=64)[0]).save(folder / "a.png")
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    argv = [str(folder), "--out", str(out), "--shards-out", str(shards), *MODEL, *LOW_THRESHOLDS]
+    amg_cli.main(argv)
+    done = {p: p.read_bytes() for p in [*out.iterdir(), *shards.iterdir()] if p.is_file()}
+    Image.fromarray(generate_image(1, size=64)[0]).save(folder / "b.png")
+    # room for the settings file each run writes again, not for an image's outputs
+    with monkeypatch.context() as patch:
+        FullDirectory(out if full == "out" else shards, room=len((out / amg_cli.SETTINGS_FILE).read_bytes()), monkeypatch=patch)
+        with pytest.raises(SystemExit) as failed:
+            amg_cli.main(argv)
+    message = str(failed.value.code)
+    written = f"{out / 'b.png'}" if full == "out" else f"{shards / 'sa_000000.tar'}"
+    assert message.startswith(f"segany-amg: error: disk full writing {written} ") and "\n" not in message, message
+    # what was done is intact (with a full --shards-out, b's masks in --out are done too); no partial
+    # file or temporary is left in the full directory
+    left = {p: p.read_bytes() for p in [*out.iterdir(), *shards.iterdir()] if p.is_file()}
+    assert left == done | ({} if full == "out" else {out / "b.json": left[out / "b.json"], out / "b.png": left[out / "b.png"]})
+    capsys.readouterr()
+    amg_cli.main(argv)  # space freed: the rerun does only what was not done
+    assert ("2 images: 1 done now, 1 done before" if full == "out" else "2 images: 0 done now, 2 done before") in _summary(capsys)
+    assert len(list(read_records([str(shards / "sa_000000.tar")]))) == 2
 
 
 def test_image_ids_are_stable_and_keep_sa1b_ids():

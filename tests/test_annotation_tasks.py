@@ -10,6 +10,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from data_engine.annotation_step import summarize_images
 from data_engine.annotation_tasks import (
     IMAGES_DIR,
     INDEX_FILE,
@@ -124,8 +125,17 @@ def test_a_tools_result_comes_back_as_annotated_shards(shards, tmp_path):
     assert len(stats) == 5  # every returned image of the task, the emptied one included
     assert np.isnan(stats[first]["seconds"])  # COCO carries no clock
 
+    # the round's stats files are valid JSON: the unknown seconds and clicks are null, not NaN
+    for path in sorted((tmp_path / "out").glob("*.stats.json")):
+        written_stats = json.loads(path.read_text(), parse_constant=lambda constant: pytest.fail(f"{path.name} holds {constant}"))
+        assert all(image["seconds"] is None and image["clicks"] is None for image in written_stats["images"])
+
     again = import_annotations(task_dir, tmp_path / "out", first_index=7)  # finished shards are not rewritten
     assert again["shards"] == out["shards"]
+    # read back from those files, the round's figures are the same (NaN where unknown)
+    summary, resumed = summarize_images(out["images"]), summarize_images(again["images"])
+    assert np.isnan(resumed["seconds_per_mask"]) and np.isnan(resumed["clicks_per_mask"])
+    assert {k: v for k, v in resumed.items() if v == v} == {k: v for k, v in summary.items() if v == v}
     assert [(i["key"], i["masks"]) for i in again["images"]] == [(i["key"], i["masks"]) for i in out["images"]]
     with tarfile.open(out["shards"][0]) as tar:
         assert len(tar.getmembers()) == 2 * len([k for k in written if k in {Path(i["file_name"]).stem for i in exported["images"][:3]}])

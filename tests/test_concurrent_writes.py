@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.directory_lock import DirectoryLocked, lock_directory
-from segany_train.data.shard_writer import read_manifest, record_shard, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import read_manifest, record_shard
 from segany_train.data.synthetic import write_synthetic_corpus
 from tests.shards import write_shards
 

@@ -1,6 +1,7 @@
 """The data engine: the ledger, the corpus split, resumable annotation and automatic stages, the cycle."""
 
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -164,46 +165,48 @@ def _seed_weights(directory: Path) -> tuple[Path, str]:
 
 
 def _engine_config(tmp_path: Path, corpus: Path, extra: list[str] = ()):
-    seed, digest = _seed_weights(corpus.parent / "seed_model")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(
-            "engine/cycle",
-            overrides=[
-                f"run_dir={tmp_path / 'run'}",
-                "progress=false",
-                f"corpus.synthetic.directory={corpus}",
-                "corpus.synthetic.num_images=10",
-                "corpus.synthetic.images_per_shard=2",
-                "corpus.synthetic.size=96",
-                f"corpus.shards='{corpus}/sa_{{000000..000004}}.tar'",
-                "corpus.holdout_shards=1",
-                f"seed_model.checkpoint={seed}",
-                f"seed_model.sha256={digest}",
-                f"seed_model.corpus.directory={corpus}_seed",
-                "seed_model.corpus.num_images=4",
-                "seed_model.corpus.images_per_shard=2",
-                "seed_model.corpus.size=96",
-                f"seed_model.shards='{corpus}_seed/sa_{{000000..000001}}.tar'",
-                "seed_model.train_steps=3",
-                "training.overrides=[" + ",".join(f"'{o}'" for o in TRAINING) + "]",
-                "stage1.rounds=2",
-                "stage1.train_steps=2",
-                "stage2.rounds=2",
-                "stage2.train_steps=2",
-                "stage2.detector.steps=3",
-                "stage2.prefill.pred_iou_thresh=0.0",
-                "stage2.prefill.stability_score_thresh=0.0",
-                "stage2.prefill.score_threshold=0.0",
-                "stage3.generator.points_per_side=4",
-                "stage3.generator.pred_iou_thresh=0.0",
-                "stage3.generator.stability_score_thresh=0.0",
-                "stage3.train_steps=2",
-                "eval.max_images=2",
-                "report.overlays=1",
-                "device=auto",
-                *extra,
-            ],
-        )
+        return compose("engine/cycle", overrides=engine_overrides(tmp_path, corpus, extra))
+
+
+def engine_overrides(tmp_path: Path, corpus: Path, extra: list[str] = ()) -> list[str]:
+    """A cycle sized for tests (seconds per step): `segany-engine <these>` runs it as `_engine_config` composes it."""
+    seed, digest = _seed_weights(corpus.parent / "seed_model")
+    return [
+        f"run_dir={tmp_path / 'run'}",
+        "progress=false",
+        f"corpus.synthetic.directory={corpus}",
+        "corpus.synthetic.num_images=10",
+        "corpus.synthetic.images_per_shard=2",
+        "corpus.synthetic.size=96",
+        f"corpus.shards='{corpus}/sa_{{000000..000004}}.tar'",
+        "corpus.holdout_shards=1",
+        f"seed_model.checkpoint={seed}",
+        f"seed_model.sha256={digest}",
+        f"seed_model.corpus.directory={corpus}_seed",
+        "seed_model.corpus.num_images=4",
+        "seed_model.corpus.images_per_shard=2",
+        "seed_model.corpus.size=96",
+        f"seed_model.shards='{corpus}_seed/sa_{{000000..000001}}.tar'",
+        "seed_model.train_steps=3",
+        "training.overrides=[" + ",".join(f"'{o}'" for o in TRAINING) + "]",
+        "stage1.rounds=2",
+        "stage1.train_steps=2",
+        "stage2.rounds=2",
+        "stage2.train_steps=2",
+        "stage2.detector.steps=3",
+        "stage2.prefill.pred_iou_thresh=0.0",
+        "stage2.prefill.stability_score_thresh=0.0",
+        "stage2.prefill.score_threshold=0.0",
+        "stage3.generator.points_per_side=4",
+        "stage3.generator.pred_iou_thresh=0.0",
+        "stage3.generator.stability_score_thresh=0.0",
+        "stage3.train_steps=2",
+        "eval.max_images=2",
+        "report.overlays=1",
+        "device=auto",
+        *extra,
+    ]
 
 
 def test_end_to_end_cycle_resumes_after_interruptions_between_and_inside_steps(tmp_path, monkeypatch):
@@ -359,8 +362,10 @@ def _answer_tasks_with_ground_truth(task_dir: Path) -> None:
     (task_dir / RESULT_FILE).write_text(json.dumps({**tasks, "annotations": annotations}))
 
 
-def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp_path):
+def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp_path, caplog):
     from data_engine import engine
+
+    caplog.set_level(logging.INFO, logger="data_engine")
     from data_engine.annotation_tasks import AwaitingAnnotation
 
     corpus = tmp_path / "corpus"
@@ -378,6 +383,11 @@ def test_cycle_with_a_real_annotation_tool_waits_for_each_rounds_coco_result(tmp
         _answer_tasks_with_ground_truth(run / step / "tasks")
     report = engine.run_engine(cfg).read_text()
     steps = json.loads((run / "engine.json").read_text())["steps"]
+    # the console (and engine.log) says what each round's result brought in
+    imported = [r.getMessage() for r in caplog.records if ": imported " in r.getMessage()]
+    assert [line.split(":")[0] for line in imported] == ["stage1/round1/annotate", "stage2/round1/annotate"]
+    stats = steps["stage1/round1/annotate"]["stats"]
+    assert f"stage1/round1/annotate: imported {stats['images']} images with {stats['masks']} masks; skipped: nothing" in imported
     with pytest.raises(ValueError, match="annotator.kind must be one of"):
         engine.run_engine(_engine_config(tmp_path / "typo", corpus, ["annotator.kind=cocotasks"]))
     for step in ("stage1/round1/annotate", "stage2/round1/annotate"):

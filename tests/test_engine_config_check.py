@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 
 from data_engine.engine import run_engine
 from data_engine.engine_config_check import EngineConfigError
+from segany_train.model.seed_model import BUILTIN_PATH
 from segany_train.config_paths import CONFIG_DIR
+from tests.full_disk import FullDirectory
 
 
 def engine_overrides(tmp_path) -> list[str]:
@@ -61,3 +63,19 @@ def test_engine_refuses_an_unreadable_checkpoint_in_one_line(tmp_path, option):
     )
     lines = run.stderr.strip().splitlines()
     assert run.returncode != 0 and len(lines) == 1 and str(checkpoint) in lines[0], run.stderr[-2000:]
+
+
+def test_the_engine_on_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch):
+    from data_engine.engine import main
+
+    (tmp_path / "run").mkdir()
+    FullDirectory(tmp_path / "run", room=0, monkeypatch=monkeypatch)
+    monkeypatch.setattr(sys, "argv", [
+        "segany-engine", f"run_dir={tmp_path / 'run'}", "only=stage3", f"checkpoint={BUILTIN_PATH}", "corpus.synthetic=null",
+        f"corpus.shards={tmp_path}/pool/sa_000000.tar", "progress=false", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+    ])  # fmt: skip
+    with pytest.raises(SystemExit) as failed:
+        main()
+    message = str(failed.value.code)
+    assert message.startswith(f"segany-engine: error: disk full writing {tmp_path / 'run' / 'engine_config.json'} "), message
+    assert "\n" not in message and "resumes" in message, message

@@ -22,6 +22,7 @@ from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGene
 from segany_train.model import build_sam, build_sam_by_name
 from segany_train.prompting.rollout import run_rollout
 from tests.conftest import TINY, randomized
+from tests.full_disk import FullDirectory
 
 # ---------------------------------------------------------------- click placement vs brute force
 
@@ -343,6 +344,21 @@ def test_segany_eval_interactive_end_to_end(eval_shards, tmp_path):
     assert "IoU in the 64x64 low-res frame (not the image's resolution)" in (out / "eval.md").read_text()
 
 
+def test_segany_eval_without_bars_says_how_far_it_is_every_n_images(eval_shards, tmp_path, capsys):
+    cli.main(
+        ["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "*.tar"), "--protocol", "both", "--max-clicks", "1",
+         "--batch-size", "1", "--points-per-side", "2", "--out", str(tmp_path / "out"), "--no-progress", "--report-every", "2"]
+    )  # fmt: skip
+    lines = [line.split(",")[0] for line in capsys.readouterr().err.splitlines() if line.startswith(("interactive:", "automatic masks:"))]
+    assert lines == ["interactive: 2 images", "interactive: 4 images", "interactive: 4 images (done)",
+                     "automatic masks: 2 images", "automatic masks: 4 images", "automatic masks: 4 images (done)"]  # fmt: skip
+    cli.main(
+        ["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "*.tar"), "--protocol", "interactive", "--max-clicks", "1",
+         "--max-images", "1", "--out", str(tmp_path / "out"), "--no-progress", "--report-every", "0"]
+    )  # fmt: skip
+    assert "interactive:" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -356,6 +372,20 @@ def test_segany_eval_one_line_errors(eval_shards, tmp_path, capsys, argv, messag
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv + ["--out", str(tmp_path)])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_segany_eval_on_a_full_disk_says_so_in_one_line_and_leaves_no_half_report(eval_shards, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text('{"earlier": "report"}\n')
+    FullDirectory(out, room=100, monkeypatch=monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model-type", "vit_t_256_small_decoder", "--shards", str(eval_shards / "sa_*.tar"), "--protocol", "interactive",
+                  "--max-clicks", "1", "--out", str(out), "--no-progress"])  # fmt: skip
+    monkeypatch.undo()
+    message = str(exit_info.value.code)
+    assert message.startswith(f"segany-eval: error: disk full writing {out / 'eval.json'} ") and "\n" not in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"] and json.loads((out / "eval.json").read_text()) == {"earlier": "report"}
 
 
 @pytest.mark.parametrize("protocol", ["interactive", "amg"])

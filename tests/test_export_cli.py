@@ -2,6 +2,8 @@
 .pth, Hugging Face folder and ONNX, each loaded back: the official layout strictly, the Hugging Face
 one by transformers' SamModel, the ONNX model through ONNX Runtime within 1e-3."""
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,18 @@ def _lora_checkpoint(path: Path):
     return sam.eval()
 
 
-def test_export_writes_three_formats_that_load_back(tmp_path: Path, capsys) -> None:
+UMASK = 0o022  # the umask segany-export runs under in the test
+
+
+def test_export_writes_three_formats_that_load_back(tmp_path: Path, capsys, monkeypatch) -> None:
     torch.set_num_threads(1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers reads the folder only
     sam = _lora_checkpoint(tmp_path / "run.ckpt")
-    main(["--checkpoint", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "out")])
+    previous = os.umask(UMASK)
+    try:
+        main(["--checkpoint", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "out")])
+    finally:
+        os.umask(previous)
     printed = capsys.readouterr().out
     assert "official:" in printed and "hf:" in printed and "onnx:" in printed
 
@@ -66,6 +76,24 @@ def test_export_writes_three_formats_that_load_back(tmp_path: Path, capsys) -> N
     assert (hf.pred_masks[0] - want["low_res_logits"]).abs().max() < 1e-4
     assert (hf.iou_scores[0] - want["iou_predictions"]).abs().max() < 1e-4
 
+    # transformers' own preprocessing from the folder (offline): the same pixels and prompt
+    # coordinates as ours, so SamProcessor + SamModel give the exported model's masks
+    processor = transformers.SamProcessor.from_pretrained(tmp_path / "out" / "huggingface", local_files_only=True)
+    pixels = image.round().to(torch.uint8)
+    inputs = processor(images=pixels.permute(1, 2, 0).numpy(), input_points=[[[[60.0, 80.0], [200.0, 40.0]]]], input_labels=[[[1, 0]]], return_tensors="pt")
+    torch.testing.assert_close(inputs["pixel_values"][0], sam.preprocess(pixels.float()), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        via_processor = hf_model(**{k: v for k, v in inputs.items() if k in ("pixel_values", "input_points", "input_labels")}, multimask_output=True)
+        mine = sam([{**record, "image": pixels.float()}], multimask_output=True)[0]
+    assert (via_processor.pred_masks[0] - mine["low_res_logits"]).abs().max() < 1e-4
+    full = processor.image_processor.post_process_masks(via_processor.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+    assert tuple(full[0].shape[-2:]) == (256, 256)
+    wide = processor(images=np.zeros((128, 512, 3), np.uint8), input_points=[[[[400.0, 100.0]]]], return_tensors="pt")
+    assert wide["pixel_values"].shape[-2:] == (256, 256) and wide["input_points"][0, 0, 0].tolist() == [200.0, 50.0]
+    # every file with the permissions the umask gives (safetensors alone leaves model.safetensors 0600)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out" / "huggingface").iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "preprocessor_config.json"], 0o666 & ~UMASK)
+
     # ONNX through ONNX Runtime, against the fine-tuned model's decoder in PyTorch
     session = onnxruntime.InferenceSession(str(tmp_path / "out" / "sam_decoder.onnx"), providers=["CPUExecutionProvider"])
     reference = onnx_module(sam, return_single_mask=False)
@@ -86,3 +114,21 @@ def test_export_refuses_unreadable_checkpoint_in_one_line(tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert "bad.ckpt is not a readable SAM checkpoint" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_to_replace_an_earlier_export_unless_told(tmp_path: Path, capsys) -> None:
+    torch.set_num_threads(1)
+    _lora_checkpoint(tmp_path / "run.ckpt")
+    export = ["--checkpoint", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "out"), "--formats", "official"]
+    main(export)
+    earlier = (tmp_path / "out" / "sam_official.pth").read_bytes()
+    (tmp_path / "other.ckpt").write_text("not a checkpoint")  # refused before the checkpoint is read
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*export[:1], str(tmp_path / "other.ckpt"), *export[2:]])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err, err
+    assert f"{tmp_path / 'out' / 'sam_official.pth'} already exist" in err and "--overwrite" in err, err
+    assert (tmp_path / "out" / "sam_official.pth").read_bytes() == earlier
+    main([*export, "--overwrite"])
+    assert "official:" in capsys.readouterr().out

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
-from segany_train.finetune_folder import MODES, FinetuneConfigError, apply_finetune_mode, finetune_folder, folder_source
+from segany_train.finetune_folder import CHECKPOINT_EVERY, MODES, FinetuneConfigError, apply_finetune_mode, finetune_folder, folder_source
+from segany_train.inference.overlay_panels import GAP, TITLE_HEIGHT
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.training.run import build_model
 from segany_train.data.synthetic import generate_label_map
@@ -96,7 +98,8 @@ def test_finetune_folder_runs_reports_and_resumes(tmp_path: Path) -> None:
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
     report = (report_dir / "report.md").read_text()
     assert "| before (start) |" in report and "| after (fine-tuned) |" in report and "mIoU@1" in report
-    assert len(summary["overlays"]) == 1 and Image.open(summary["overlays"][0]).size[0] > 3 * 96
+    # GT | before | after, titled, each 96-px image enlarged 4x
+    assert len(summary["overlays"]) == 1 and Image.open(summary["overlays"][0]).size == (3 * 384 + 2 * GAP, TITLE_HEIGHT + 384)
     assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["conversion.json", "train", "val"]
     # the fine-tuned weights differ from the seed's only where training reached (LoRA merged: the encoder's qkv, and the decoder)
     seed = build_sam_from_checkpoint(load_checkpoint_file(Path(summary["start_checkpoint"]))).state_dict()
@@ -130,11 +133,31 @@ def test_segany_finetune_wrapper_prints_the_report(tmp_path: Path, capsys) -> No
     folder = _write_folder(tmp_path / "data", count=4)
     shrink = ["data.val_fraction=0.25", "data.batch_size=2", "data.max_masks=2", "data.num_workers=0", "prompting.num_iterations=2",
               "prompting.num_correction_clicks=1", "callbacks.progress_bar=false", "logger.log_images_every_n_steps=0",
-              "trainer.max_steps=1", "finetune.overlays=0"]
-    main([str(folder), "--mode", "decoder", "--run-dir", str(tmp_path / "run"), *shrink])
+              "finetune.overlays=0"]
+    main([str(folder), "--mode", "decoder", "--run-dir", str(tmp_path / "run"), "--max-steps", "1", "--max-time", "00:00:30:00", *shrink])
     printed = capsys.readouterr().out
     assert "Mode **decoder**" in printed and "| after (fine-tuned) |" in printed
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    trainer = OmegaConf.load(tmp_path / "run" / "config.yaml").trainer
+    assert trainer.max_steps == 1 and trainer.max_time == "00:00:30:00"  # what the Trainer was given
+
+
+def test_segany_finetune_help_offers_a_step_and_a_time_limit(capsys) -> None:
+    from segany_train.finetune_folder import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--max-steps MAX_STEPS" in shown and "(default 300," in shown
+    assert "--max-time DD:HH:MM:SS" in shown and "00:00:10:00 is 10 minutes" in shown
+    assert f"(every {CHECKPOINT_EVERY} steps)" in shown
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("train", overrides=["experiment=finetune_folder"])
+    assert cfg.trainer.max_steps == 300 and cfg.callbacks.checkpoint_every_n_steps == CHECKPOINT_EVERY  # the help's figures
+    for bad in ("10:00", "00:25:00:00", "00:00:00:00", "1d"):
+        with pytest.raises(SystemExit):
+            main(["folder", "--max-time", bad])
+        assert "DD:HH:MM:SS" in capsys.readouterr().err or bad == "00:00:00:00"
 
 
 def test_a_folder_without_usable_images_is_one_error(tmp_path: Path) -> None:
@@ -146,3 +169,13 @@ def test_a_folder_without_usable_images_is_one_error(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data" / "labels" / "a.png")  # empty
     with pytest.warns(UserWarning), pytest.raises(FinetuneConfigError, match="no usable image.*empty=1"):
         finetune_folder(_compose(tmp_path / "data", tmp_path / "run2"))
+
+
+def test_one_image_is_too_few_and_says_how_many_are_needed(tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "data", count=1)
+    with pytest.raises(FinetuneConfigError, match=r"too few images: 1 usable, 1 to train on and 0 held out .*at least 2 usable images"):
+        finetune_folder(_compose(folder, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    folder = _write_folder(tmp_path / "more", count=3)  # enough images, none held out
+    with pytest.raises(FinetuneConfigError, match=r"3 to train on and 0 held out .*data.val_fraction above 0 \(it is 0.0\)"):
+        finetune_folder(_compose(folder, tmp_path / "run2", "data.val_fraction=0.0"))

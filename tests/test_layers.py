@@ -10,8 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "segany_train"
-# docs/layout.md's order: a layer may import the layers before it (config_paths.py and the package's
-# __init__ from anywhere); the entry points are one layer
+# docs/layout.md's order: a layer may import the layers before it (config_paths.py, os_errors.py,
+# atomic_files.py and the package's __init__ from anywhere); the entry points are one layer
 LAYERS = [
     {"model"},
     {"data"},
@@ -25,7 +25,7 @@ LAYERS = [
     {"label_studio"},
     {"train", "finetune_folder"},
 ]
-ANYWHERE = {"config_paths", "__init__"}
+ANYWHERE = {"config_paths", "os_errors", "atomic_files", "__init__"}
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "conf" not in p.relative_to(PACKAGE).parts)
 

@@ -2,10 +2,7 @@
 over a checkpoint that is not one, fails before anything in it is written; a full disk leaves no
 truncated checkpoint and is said in one line."""
 
-import builtins
 import csv
-import errno
-import io
 import os
 import shutil
 import subprocess
@@ -17,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_training_overrides
+from tests.full_disk import FullDirectory
 
 
 def run_training(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -60,62 +58,6 @@ def test_a_garbage_last_checkpoint_is_refused_in_one_line_naming_it(tmp_path):
     message = refused.stderr.strip().splitlines()[-1]
     assert str(last) in message and "move it out of the run directory (or delete it)" in message, message
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
-
-
-class FullDirectory:
-    """A full file system under `directory`, simulated: files opened for writing there take `room`
-    more bytes in all, then a write stores what fits and raises OSError(ENOSPC), as a full disk does,
-    through write() (open, os.fdopen) and sendfile() (shutil's copies)."""
-
-    def __init__(self, directory: Path, room: int, monkeypatch) -> None:
-        self.directory, self.room = directory.resolve(), room
-        real_open, real_sendfile = io.open, os.sendfile
-
-        def opening(file, mode="r", *args, **kwargs):
-            opened = real_open(file, mode, *args, **kwargs)
-            return _FullFile(opened, self) if set(mode) & set("wax+") and self.holds(file) else opened
-
-        def sendfile(out_fd, in_fd, offset, count):
-            if not self.holds(out_fd):
-                return real_sendfile(out_fd, in_fd, offset, count)
-            fits = min(count, self.room)
-            sent = real_sendfile(out_fd, in_fd, offset, fits) if fits else 0
-            self.room -= sent
-            if fits < count and sent == fits:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return sent
-
-        monkeypatch.setattr(builtins, "open", opening)
-        monkeypatch.setattr(io, "open", opening)  # os.fdopen's
-        monkeypatch.setattr(os, "sendfile", sendfile)
-
-    def holds(self, file) -> bool:
-        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.path.abspath(file)
-        return Path(path).resolve().is_relative_to(self.directory)
-
-
-class _FullFile:
-    def __init__(self, file, disk: FullDirectory) -> None:
-        self._file, self._disk = file, disk
-
-    def write(self, data) -> int:
-        data = memoryview(data).cast("B")
-        fits = min(len(data), self._disk.room)
-        self._file.write(data[:fits])
-        self._file.flush()
-        self._disk.room -= fits
-        if fits < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return fits
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()
 
 
 def run_training_here(tmp_path: Path, monkeypatch, *overrides: str) -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from data_engine.shard_outputs import completed_output, resume_outputs, write_output
 from segany_train.data.pipeline import read_records
-from segany_train.data.shard_writer import read_manifest, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import write_synthetic_corpus
 
 

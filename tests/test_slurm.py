@@ -32,7 +32,9 @@ from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.model import build_sam
 from segany_train.model.checkpoint import save_official_checkpoint
+from segany_train.model.seed_model import BUILTIN_PATH
 from tests.conftest import TINY, randomized, tiny_training_overrides
+from tests.full_disk import FullDirectory
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "slurm"
@@ -263,6 +265,21 @@ def test_a_task_that_fails_mid_shard_leaves_only_complete_outputs_and_a_rerun_fi
     _assert_each_image_once(pool, tmp_path)
     with pytest.raises(ValueError, match="outputs of 5 other input shard"):
         run_task(FailingGenerator, pool[:3], tmp_path, 0, 1, progress=False)
+
+
+def test_a_stage3_task_on_a_full_disk_says_so_in_one_line(pool, tmp_path, monkeypatch):
+    from data_engine.distributed_stage3 import main
+
+    out_dir = tmp_path / "run" / "stage3" / "generate"
+    out_dir.mkdir(parents=True)
+    FullDirectory(out_dir, room=0, monkeypatch=monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["segany-stage3", "mode=task", f"checkpoint={BUILTIN_PATH}", f"corpus.shards='{Path(pool[0]).parent}/sa_*.tar'",
+                                      f"run_dir={tmp_path / 'run'}", "task_id=0", "num_tasks=1", "progress=false"])  # fmt: skip
+    with pytest.raises(SystemExit) as failed:
+        main()
+    message = str(failed.value.code)
+    assert message.startswith(f"segany-stage3: error: disk full writing {out_dir / 'inputs.json'} ") and "\n" not in message, message
+    assert not list(out_dir.iterdir())
 
 
 def test_stage3_array_tasks_with_one_killed_and_rerun_write_each_shard_once(slurm_bin, pool, tmp_path):

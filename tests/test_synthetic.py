@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from segany_train.data.sa1b import decode_sample
 from segany_train.data.shard_writer import read_manifest
 from segany_train.data.synthetic import MIN_VISIBLE_AREA, generate_image, main, write_synthetic_corpus
+from tests.full_disk import FullDirectory
 
 SIZE = 128
 SMALL = dict(size=SIZE, min_objects=8, max_objects=20)
@@ -141,6 +142,22 @@ def test_command_line(tmp_path, capsys):
     assert "3 images in 2 shards" in capsys.readouterr().out
     assert read_manifest(tmp_path)["total_samples"] == 3
     assert json.loads((tmp_path / "synthetic.json").read_text())["size"] == 64
+
+
+def test_command_line_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    argv = ["--num-images", "3", "--size", "64", "--images-per-shard", "2", "--no-progress"]
+    main(["--out", str(tmp_path / "reference"), *argv])
+    out = tmp_path / "out"
+    out.mkdir()
+    with monkeypatch.context() as patch:  # room for the settings file, not for a shard
+        FullDirectory(out, room=len((tmp_path / "reference" / "synthetic.json").read_bytes()), monkeypatch=patch)
+        with pytest.raises(SystemExit) as failed:
+            main(["--out", str(out), *argv])
+    message = str(failed.value.code)
+    assert message.startswith(f"segany-synth: error: disk full writing {out / 'sa_000000.tar'} ") and "\n" not in message, message
+    assert not list(out.glob("*.tar*"))  # no partial shard, no temporary
+    main(["--out", str(out), *argv])  # space freed
+    assert "3 images in 2 shards" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_scene_settings_radii_and_style():

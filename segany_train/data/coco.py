@@ -32,7 +32,8 @@ from segany_train.data.sa1b import (
     make_record,
     sample_key,
 )
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
 
 CONVERSION_SETTINGS = "coco_conversion.json"  # to-shards' settings in its output, checked on resume
 

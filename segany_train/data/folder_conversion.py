@@ -43,7 +43,8 @@ from segany_train.data.dataset_layouts import (
 )
 from segany_train.data.image_loading import ImageFileError, load_image_file, shard_jpeg
 from segany_train.data.sa1b import annotation_from_rle, make_record, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter
 
 SPLITS = ("train", "val")
 SPLIT_SETTINGS = "folder_conversion.json"  # a split directory's settings, checked on resume

@@ -10,14 +10,16 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import webdataset as wds
 
 from segany_train.data.directory_lock import directory_mutex
+from segany_train.atomic_files import write_json_atomically
 from segany_train.data.sa1b import SHARD_SUFFIX, encode_sample
+from segany_train.os_errors import naming_the_file
 
 MANIFEST_NAME = "manifest.json"
 
@@ -37,35 +39,6 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file of its own, synced, then renamed: never half
-    a file, even after a crash or beside another writer of the same path."""
-    write_atomically(path, lambda stream: stream.write(data))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write(stream)` into a temporary file beside `path`, synced, then renamed to `path` (streamed:
-    a checkpoint of several GB is never held in memory a second time)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    # O_EXCL: the name is this writer's alone; mode 0o666 under the umask, as open() would create it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    """`value` as indented JSON, written as `write_bytes_atomically` does."""
-    write_bytes_atomically(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def write_manifest(directory: str | Path, shards: dict[str, dict[str, int]]) -> None:
@@ -153,11 +126,14 @@ class SA1BShardWriter:
     def _finish(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
-        self._stream.flush()
-        os.fsync(self._stream.fileno())  # the data on disk before the name says the shard is complete
-        self._stream.close()
         final = self.directory / self._shard_name()
+        try:
+            self._tar.close()
+            self._stream.flush()
+            os.fsync(self._stream.fileno())  # the data on disk before the name says the shard is complete
+            self._stream.close()
+        except OSError as error:  # a full disk: say which shard
+            raise naming_the_file(error, final) from None
         os.replace(self._tmp, final)
         _sync_directory(self.directory)
         if self.record_manifest:
@@ -171,7 +147,10 @@ class SA1BShardWriter:
         sample = encode_sample(key, jpeg, record)
         if self._tar is None:
             self._open()
-        self._tar.write(sample)
+        try:
+            self._tar.write(sample)
+        except OSError as error:  # a full disk: say which shard
+            raise naming_the_file(error, self.directory / self._shard_name()) from None
         self._count += 1
         self._masks += len(record["annotations"])
         if self._count >= self.max_samples:
@@ -185,8 +164,10 @@ class SA1BShardWriter:
     def abandon(self) -> None:
         """Drops the shard being written (on an error), leaving completed shards as they are."""
         if self._tar is not None:
-            self._tar.close()
-            self._stream.close()
+            with suppress(OSError):  # on a full disk closing fails too (buffered bytes); the file goes all the same
+                self._tar.close()
+            with suppress(OSError):
+                self._stream.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
 

@@ -41,7 +41,9 @@ from tqdm import tqdm
 
 from segany_train.data.directory_lock import lock_directory
 from segany_train.data.sa1b import SHARD_SUFFIX, annotation_from_rle, make_record, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, read_manifest, write_json_atomically
+from segany_train.atomic_files import write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.os_errors import describe_os_error
 
 MIN_VISIBLE_AREA = 20  # pixels; smaller visible masks are dropped
 JPEG_QUALITY = 90
@@ -435,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as error:
         sys.exit(f"segany-synth: error: {error}")
+    except OSError as error:  # a full disk: complete shards are kept
+        sys.exit(f"segany-synth: error: {describe_os_error(error, rerun='complete shards are kept')}")
     print(f"{args.num_images} images in {len(paths)} shards in {args.out} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from segany_train.data.pipeline import expand_shard_patterns
+from segany_train.atomic_files import finite_or_null, write_bytes_atomically
 from segany_train.evaluation.automatic import evaluate_automatic_masks
 from segany_train.evaluation.coco_ap import DEFAULT_MAX_DETS, check_max_dets
 from segany_train.evaluation.interactive import IOU_RESOLUTIONS, InteractiveEvalConfig, evaluate_interactive
@@ -30,6 +31,7 @@ from segany_train.inference.cli_options import (
     load_model,
     prepare_output_directory,
 )
+from segany_train.os_errors import describe_os_error
 
 PROTOCOLS = ("interactive", "amg", "both")
 
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="directory for eval.json and eval.md")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="both")
     parser.add_argument("--max-images", type=int, help="evaluate at most this many images (per protocol)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (a line every --report-every images instead)")
+    parser.add_argument(
+        "--report-every", type=int, default=25, metavar="N", help="with --no-progress: a line on stderr every N images (0: none; default 25)"
+    )
     add_model_arguments(parser)
     group = parser.add_argument_group("interactive protocol")
     default = InteractiveEvalConfig()
@@ -147,6 +152,8 @@ def render_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if args.report_every < 0:
+            raise ValueError(f"--report-every must be at least 0, got {args.report_every}")
         if args.max_images is not None and args.max_images < 0:
             raise ValueError(f"--max-images must be at least 0, got {args.max_images}")
         check_max_dets(args.max_dets)
@@ -177,21 +184,32 @@ def main(argv: list[str] | None = None) -> None:
         "precision": args.precision,
     }
     progress = not args.no_progress
+    report_every = args.report_every if args.no_progress else 0  # the bars say it otherwise
     if args.protocol in ("interactive", "both"):
         start = time.perf_counter()
         with inference_autocast(torch.device(args.device), args.precision):
-            result["interactive"] = evaluate_interactive(sam, urls, interactive_cfg, max_images=args.max_images, progress=progress)
+            result["interactive"] = evaluate_interactive(
+                sam, urls, interactive_cfg, max_images=args.max_images, progress=progress, report_every=report_every
+            )
         result["interactive"].update(settings=asdict(interactive_cfg), seconds=round(time.perf_counter() - start, 3))
     if generator is not None:
         start = time.perf_counter()
         with torch.inference_mode():
             result["amg"] = evaluate_automatic_masks(
-                generator, urls, max_images=args.max_images, progress=progress, max_dets=tuple(args.max_dets)
+                generator,
+                urls,
+                max_images=args.max_images,
+                progress=progress,
+                max_dets=tuple(args.max_dets),
+                report_every=report_every,
             )
         result["amg"].update(generator=generator_settings(args).as_kwargs(), seconds=round(time.perf_counter() - start, 3))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "eval.md").write_text(render_markdown(result))
+    try:  # whole files or none: a full disk fails here, after the work, in one line
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(args.out / "eval.json", (json.dumps(finite_or_null(result), indent=1, allow_nan=False) + "\n").encode())
+        write_bytes_atomically(args.out / "eval.md", render_markdown(result).encode())
+    except OSError as error:
+        sys.exit(f"segany-eval: error: {describe_os_error(error, rerun='segany-eval evaluates again')}")
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}")
     for protocol in ("interactive", "amg"):  # figures over no image are not a result: say so, exit 1
         part = result.get(protocol)

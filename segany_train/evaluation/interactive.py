@@ -27,6 +27,7 @@ from segany_train.data.mask_iou import dense_mask_iou
 from segany_train.data.pipeline import SkipLog, collate_sam_samples, sam_sample_pipeline
 from segany_train.data.rle import decode_rles_at
 from segany_train.data.sam_sample import SamSampleConfig, valid_region
+from segany_train.evaluation.periodic_report import PeriodicReport
 from segany_train.model import Sam
 from segany_train.prompting.rollout import RolloutConfig, interactive_ious
 
@@ -180,6 +181,7 @@ def evaluate_interactive(
     max_images: int | None = None,
     progress: bool = True,
     per_mask: bool = False,
+    report_every: int = 0,
 ) -> dict:
     """Runs the protocol over every sample of the shards, each read once (in order when num_workers is 0).
 
@@ -188,7 +190,8 @@ def evaluate_interactive(
     masks of the evaluated images), masks_skipped (of those, not evaluated: over max_area_fraction,
     empty, invisible at the low-res size or beyond max_masks_per_image), masks_vanished (the invisible
     ones), miou_every_mask (mIoU after k clicks with each vanished mask counted 0, beside `miou` over
-    the evaluated masks), the IoU resolution and the low-res frame size.
+    the evaluated masks), the IoU resolution and the low-res frame size. `report_every`: a line on
+    stderr every that many images (`PeriodicReport`; 0: none), for runs without the progress bar.
     """
     sam = sam.eval()
     device = next(sam.parameters()).device
@@ -213,6 +216,7 @@ def evaluate_interactive(
     shown, oracle, predicted_1, mask_image = [], [], [], []
     images = masks_in_images = vanished = 0
     bar = tqdm(total=max_images, desc="interactive", unit="img", disable=not progress)
+    lines = PeriodicReport("interactive", report_every, total=max_images)
     for batch in loader if max_images is None or max_images > 0 else ():
         if max_images is not None:
             batch = _first_images(batch, max_images - images)
@@ -242,9 +246,11 @@ def evaluate_interactive(
         masks_in_images += int(batch["num_annotations"].sum())
         vanished += int(batch["masks_vanished"].sum())
         bar.update(n_images)
+        lines.update(n_images)
         if max_images is not None and images >= max_images:
             break
     bar.close()
+    lines.close()
     if cfg.num_workers == 0 and (max_images is None or images < max_images):
         skipped.update(SkipLog.take())  # skips after the last delivered sample
     empty = torch.zeros(0, cfg.max_clicks)

@@ -32,13 +32,18 @@ ONNX_TOLERANCE = 1e-3  # largest ONNX Runtime vs PyTorch difference accepted
 
 
 def export_all(
-    checkpoint: Path, out_dir: Path, *, formats: tuple[str, ...] = FORMATS, trust: bool = False
+    checkpoint: Path, out_dir: Path, *, formats: tuple[str, ...] = FORMATS, trust: bool = False, overwrite: bool = False
 ) -> dict[str, Path]:
     """Writes `checkpoint`'s model in each of `formats` under `out_dir`; returns {format: path}.
+    FileExistsError, before the checkpoint is read, when an earlier export is there and not `overwrite`;
     RuntimeError when the ONNX model differs from PyTorch by more than ONNX_TOLERANCE."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"formats must be among {FORMATS}, got {sorted(unknown)}")
+    names = {"official": OFFICIAL_NAME, "hf": HF_DIRECTORY, "onnx": ONNX_NAME}
+    earlier = [str(out_dir / names[kind]) for kind in formats if (out_dir / names[kind]).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{', '.join(earlier)} already exist (an earlier export); pass --overwrite to replace it, or choose another --out")
     sam = build_model(checkpoint, None, trust=trust).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -65,9 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="fully unpickle the checkpoint (it can run code); without it only tensors and plain containers load",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (refused without it)")
     args = parser.parse_args(argv)
     try:
-        written = export_all(args.checkpoint, args.out, formats=tuple(args.formats), trust=args.trust_checkpoint)
+        written = export_all(
+            args.checkpoint, args.out, formats=tuple(args.formats), trust=args.trust_checkpoint, overwrite=args.overwrite
+        )
     except (FileNotFoundError, SamCheckpointError, OSError, ImportError, RuntimeError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     for kind, path in written.items():

@@ -18,7 +18,7 @@ import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from io import BytesIO
@@ -37,7 +37,8 @@ from segany_train.data.image_loading import load_image
 from segany_train.data.pipeline import SkipLog, expand_shard_patterns, read_records
 from segany_train.data.rle import pycocotools_rle
 from segany_train.data.sa1b import BadSample, sample_key
-from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards, write_bytes_atomically, write_json_atomically
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
+from segany_train.data.shard_writer import SA1BShardWriter, keep_only_shards
 from segany_train.inference.automatic_mask_generator import SamAutomaticMaskGenerator, sa1b_record_from_masks
 from segany_train.inference.cli_options import (
     add_generator_arguments,
@@ -47,6 +48,7 @@ from segany_train.inference.cli_options import (
     prepare_output_directory,
 )
 from segany_train.inference.mask_overlay import render_overlay
+from segany_train.os_errors import describe_os_error
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 JPEG_QUALITY = 95  # re-encoding non-JPEG inputs for --shards-out
@@ -174,6 +176,26 @@ def process_image(item: InputImage, generator: SamAutomaticMaskGenerator, out: P
     return record
 
 
+MASKLESS_WARNINGS = 3  # images named in a warning when they get no mask; the summary counts the rest
+
+
+def describe_masks(masks_per_image: list[int]) -> str:
+    """The masks of the images done now, for the summary line."""
+    if not masks_per_image:
+        return "no image generated now"
+    total = sum(masks_per_image)
+    return f"{total} masks, {total / len(masks_per_image):.1f} per image (fewest {min(masks_per_image)}, most {max(masks_per_image)})"
+
+
+def threshold_hint(args: argparse.Namespace) -> str:
+    """What removes every candidate mask, with the values in use."""
+    return (
+        f"every candidate fell below --pred-iou-thresh {args.pred_iou_thresh:g} or --stability-score-thresh "
+        f"{args.stability_score_thresh:g} (or was removed by --min-mask-region-area / --max-mask-area-fraction): lower "
+        "them, 0.1-0.2 at a time (a small or little-trained model predicts low IoUs for every mask)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segany-amg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="an image file, a folder of jpg/png/tif images, or an SA-1B shard pattern")
@@ -215,30 +237,13 @@ def refuse_foreign_shards_out(shards_out: Path, overwrite: bool) -> None:
         raise ValueError(f"--shards-out {shards_out} holds files segany-amg did not write ({len(foreign)}: {shown}); its shards would be replaced or removed. Use an empty directory, or pass --overwrite to replace them")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        items, total = list_inputs(args.input)
-        if args.images_per_shard < 1:
-            raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
-        if total == 0:
-            raise ValueError(f"{args.input} holds no jpg/png/tif image")
-        check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
-        if args.shards_out:
-            refuse_foreign_shards_out(args.shards_out, args.overwrite)
-        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle", precision=args.precision)
-        # last: a value refused above leaves no directory behind
-        if args.shards_out:
-            prepare_output_directory(args.shards_out, "--shards-out")
-        prepare_output_directory(args.out, "--out")
-        checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
-        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
-        claim_output_settings(args.out, settings, args.overwrite)
-        if args.shards_out:  # marks the directory as this command's (see refuse_foreign_shards_out)
-            write_json_atomically(args.shards_out / SETTINGS_FILE, settings)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"segany-amg: error: {error}")
+def generate_all(
+    args: argparse.Namespace, items: Iterable[InputImage], total: int | None, generator: SamAutomaticMaskGenerator
+) -> tuple[Counter, list[int]]:
+    """Runs the generator over the inputs, writing --out (and --shards-out); returns the outcome
+    counts and the number of masks of each image done now."""
     counts: Counter = Counter()
+    masks_per_image: list[int] = []  # of the images done now
     SkipLog.take()  # forget skips of earlier readers in this process
     with ExitStack() as stack:
         # one segany-amg per --shards-out: two would number their shards alike and replace each
@@ -260,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     load_pixels(item)
                     outcome, record = "done now", process_image(item, generator, args.out)
+                    masks_per_image.append(len(record["annotations"]))
+                    if not masks_per_image[-1] and masks_per_image.count(0) <= MASKLESS_WARNINGS:
+                        tqdm.write(f"segany-amg: warning: no mask kept for {item.path or item.stem}; {threshold_hint(args)}", file=sys.stderr)
                 if writer:
                     writer.write(sample_key(item.image_id), jpeg_bytes(item), record)
                 counts[outcome] += 1
@@ -269,8 +277,42 @@ def main(argv: list[str] | None = None) -> None:
     if writer:  # a shorter rerun: the shards of the longer one are not this run's output
         keep_only_shards(args.shards_out, writer.written)
     counts["unreadable"] += sum(SkipLog.take().values())  # samples the shard reader could not parse
+    return counts, masks_per_image
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        items, total = list_inputs(args.input)
+        if args.images_per_shard < 1:
+            raise ValueError(f"--images-per-shard must be at least 1, got {args.images_per_shard}")
+        if total == 0:
+            raise ValueError(f"{args.input} holds no jpg/png/tif image")
+        check_outputs_apart_from_inputs(args.input, args.out, args.shards_out)
+        if args.shards_out:
+            refuse_foreign_shards_out(args.shards_out, args.overwrite)
+        generator = SamAutomaticMaskGenerator.from_settings(load_model(args), generator_settings(args), output_mode="coco_rle", precision=args.precision)
+        # last: a value refused above leaves no directory behind
+        if args.shards_out:
+            prepare_output_directory(args.shards_out, "--shards-out")
+        prepare_output_directory(args.out, "--out")
+        checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+        settings = {"checkpoint": checkpoint, "model_type": args.model_type, **generator_settings(args).as_kwargs()}
+        claim_output_settings(args.out, settings, args.overwrite)
+        if args.shards_out:  # marks the directory as this command's (see refuse_foreign_shards_out)
+            write_json_atomically(args.shards_out / SETTINGS_FILE, settings)
+    except ValueError as error:
+        sys.exit(f"segany-amg: error: {error}")
+    except OSError as error:  # a missing input; a full disk (the settings file)
+        sys.exit(f"segany-amg: error: {describe_os_error(error, rerun='nothing was done yet')}")
+    try:
+        counts, masks_per_image = generate_all(args, items, total, generator)
+    except OSError as error:  # a full disk: finished images are kept, the shard being written is dropped
+        sys.exit(f"segany-amg: error: {describe_os_error(error, rerun='images already done are not done again')}")
     summary = ", ".join(f"{counts[k]} {k}" for k in ("done now", "done before", "unreadable"))
-    print(f"segany-amg: {sum(counts.values())} images: {summary}; outputs in {args.out}")
+    print(f"segany-amg: {sum(counts.values())} images: {summary}; {describe_masks(masks_per_image)}; outputs in {args.out}")
+    if masks_per_image.count(0):
+        print(f"segany-amg: {masks_per_image.count(0)} of {len(masks_per_image)} images got no mask; {threshold_hint(args)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ def render_overlay(
     areas: Sequence[int] | None = None,
     alpha: float = 0.45,
     outline: bool = True,
+    colours: np.ndarray | None = None,
 ) -> np.ndarray:
     """The HxWx3 uint8 image with every HxW bool mask drawn over it.
 
     Masks are drawn in order of decreasing area (`areas`, or counted from the masks; ties keep list
-    order); the k-th drawn gets `distinct_colours(...)[k]`. A mask blends its colour into the pixels it
-    covers (out = (1 - alpha) * below + alpha * colour), then, with `outline`, paints its outline
-    (`mask_outline`) opaque in the same colour. `masks` may be any sequence, e.g. one that decodes
+    order); the k-th drawn gets `distinct_colours(...)[k]`, or mask i `colours[i]` when `colours`
+    (Nx3 uint8) is given (the same object in the same colour across pictures). A mask blends its
+    colour into the pixels it covers (out = (1 - alpha) * below + alpha * colour), then, with
+    `outline`, paints its outline (`mask_outline`) opaque in the same colour. `masks` may be any sequence, e.g. one that decodes
     RLEs on access: each mask is read once for its area (unless `areas` is given) and once to draw.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -63,7 +65,10 @@ def render_overlay(
     if len(areas) != len(masks):
         raise ValueError(f"{len(areas)} areas for {len(masks)} masks")
     order = np.argsort(-np.asarray(areas, dtype=np.int64), kind="stable")
-    colours = distinct_colours(len(masks)).astype(np.float32)
+    if colours is not None and len(colours) != len(masks):
+        raise ValueError(f"{len(colours)} colours for {len(masks)} masks")
+    drawn = distinct_colours(len(masks)) if colours is None else np.asarray(colours, dtype=np.uint8)[order]
+    drawn = drawn.astype(np.float32)
     out = image.astype(np.float32)
     for rank, index in enumerate(order):
         mask = np.asarray(masks[index]).astype(bool, copy=False)
@@ -73,7 +78,7 @@ def render_overlay(
         if box is None:
             continue
         region, inside = out[box], mask[box]
-        region[inside] = (1.0 - alpha) * region[inside] + alpha * colours[rank]
+        region[inside] = (1.0 - alpha) * region[inside] + alpha * drawn[rank]
         if outline:
-            region[mask_outline(inside)] = colours[rank]
+            region[mask_outline(inside)] = drawn[rank]
     return np.rint(out).astype(np.uint8)

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from segany_train.atomic_files import write_bytes_atomically, write_json_atomically
 from segany_train.model.sam_config import SamConfig
 
 HF_CONFIG_NAME = "config.json"
 HF_SAFETENSORS_NAME = "model.safetensors"
+HF_PREPROCESSOR_NAME = "preprocessor_config.json"  # what SamProcessor.from_pretrained reads beside the model
 HF_SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 HF_BIN_NAME = "pytorch_model.bin"
 HF_MODULES = ("vision_encoder.", "prompt_encoder.", "mask_decoder.", "shared_image_embedding.")
@@ -270,13 +272,40 @@ def hf_checkpoint_as_official(weights: dict[str, torch.Tensor], config_file: Pat
     return checkpoint
 
 
+def hf_preprocessor_config(model: nn.Module) -> dict[str, Any]:
+    """`transformers.SamImageProcessor`'s settings for `model`: its input side (resize the longest
+    side to it, pad to a square), its low-res mask side for segmentation maps, and its pixel mean and
+    std as fractions of 255 (the processor rescales by 1/255 before normalising)."""
+    side = model.config.image_size
+    mask_side = 4 * (side // model.config.patch_size)  # the decoder's low-res logits
+    return {
+        "image_processor_type": "SamImageProcessor",
+        "processor_class": "SamProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"longest_edge": side},
+        "resample": 2,  # bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [v / 255 for v in model.pixel_mean.flatten().tolist()],
+        "image_std": [v / 255 for v in model.pixel_std.flatten().tolist()],
+        "do_pad": True,
+        "pad_size": {"height": side, "width": side},
+        "mask_size": {"longest_edge": mask_side},
+        "mask_pad_size": {"height": mask_side, "width": mask_side},
+    }
+
+
 def save_hf_checkpoint(model: nn.Module, directory: str | Path) -> Path:
-    """Writes `model` (a Sam with a `.config`) as a Hugging Face SamModel folder: config.json and
-    model.safetensors (`SamModel.from_pretrained(directory)` loads it). LoRA is merged first, on a copy."""
+    """Writes `model` (a Sam with a `.config`) as a Hugging Face SamModel folder: config.json,
+    model.safetensors and preprocessor_config.json (`SamModel.from_pretrained(directory)` and
+    `SamProcessor.from_pretrained(directory)` load it). LoRA is merged first, on a copy. Files are
+    written whole (a temporary name, then renamed) with the umask's permissions, as other outputs."""
     from segany_train.model.lora import merge_lora
 
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise ImportError("writing the Hugging Face layout needs safetensors: pip install safetensors (or segany[hf])") from None
 
@@ -285,6 +314,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in official_to_hf(plain.state_dict()).items()}
-    save_file(tensors, str(directory / HF_SAFETENSORS_NAME), metadata={"format": "pt"})
-    (directory / HF_CONFIG_NAME).write_text(json.dumps(sam_config_to_hf_config(model.config), indent=1))
+    # safetensors' save_file leaves the file 0600 whatever the umask: the bytes are written here instead
+    write_bytes_atomically(directory / HF_SAFETENSORS_NAME, save(tensors, metadata={"format": "pt"}))
+    write_json_atomically(directory / HF_CONFIG_NAME, sam_config_to_hf_config(model.config))
+    write_json_atomically(directory / HF_PREPROCESSOR_NAME, hf_preprocessor_config(plain))
     return directory

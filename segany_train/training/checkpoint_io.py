@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from segany_train.data.shard_writer import write_atomically
+from segany_train.atomic_files import write_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

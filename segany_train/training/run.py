@@ -23,8 +23,9 @@ from segany_train.model.lora import add_lora_to_encoder_attention
 from segany_train.model.mae import load_mae_encoder
 from segany_train.model.sam_config import describe_size
 from segany_train.prompting.rollout import RolloutConfig
-from segany_train.training.losses import LossWeights
 from segany_train.training.checkpoint_io import AtomicCheckpointIO
+from segany_train.training.lightning_warnings import lightning_warnings_filtered
+from segany_train.training.losses import LossWeights
 from segany_train.training.module import SamTrainingModule
 from segany_train.training.optim import OptimConfig
 from segany_train.training.overlays import MaskOverlayCallback
@@ -260,13 +261,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     trainer_cfg = instantiate(cfg.trainer, _convert_="all")  # a strategy or plugin may be a _target_ object
     plugins = trainer_cfg.pop("plugins", None) or []
-    trainer = L.Trainer(
-        **trainer_cfg,
-        plugins=[*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()],  # no half-written checkpoint
-        default_root_dir=str(run_dir),
-        logger=False if fast else build_logger(cfg, run_dir),
-        callbacks=callbacks,
-        enable_progress_bar=bool(cfg.callbacks.progress_bar),
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    with lightning_warnings_filtered():  # what does not apply to this training (lightning_warnings.py)
+        trainer = L.Trainer(
+            **trainer_cfg,
+            plugins=[*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()],  # no half-written checkpoint
+            default_root_dir=str(run_dir),
+            logger=False if fast else build_logger(cfg, run_dir),
+            callbacks=callbacks,
+            enable_progress_bar=bool(cfg.callbacks.progress_bar),
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
