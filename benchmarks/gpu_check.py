@@ -176,11 +176,11 @@ def check_fp16(corpus: Path, work: Path, gpu: bool) -> Row:
     for fp16 in (False, True):
         module, data = _module(_compose(_overrides(corpus, work / f"fp16_{fp16}", gpu=gpu, steps=1)))
         grads = _Grads()
-        if gpu:
-            _trainer(gpu, [grads], precision="16-mixed" if fp16 else "32-true").fit(module, datamodule=data)
-        else:  # Lightning turns 16-mixed into bf16 on CPU: the plugin itself
-            plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))] if fp16 else None
-            _trainer(gpu, [grads], plugins=plugins).fit(module, datamodule=data)
+        # Lightning's own 16-mixed plugin, with a scaler that starts at 256 (the default 65536 may skip
+        # the one step on overflow); on CPU Lightning would turn the 16-mixed flag into bf16
+        device = "cuda" if gpu else "cpu"
+        plugins = [MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device, init_scale=256.0))] if fp16 else None
+        _trainer(gpu, [grads], plugins=plugins, precision="32-true").fit(module, datamodule=data)
         norms.append(grads.norms)
     ratios = {part: norms[1][part] / norms[0][part] for part in norms[0]}
     ok = all(abs(r - 1) < 0.05 for r in ratios.values())
