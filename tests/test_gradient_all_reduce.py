@@ -77,3 +77,61 @@ def test_two_process_ddp_takes_the_single_process_steps(corpus, tmp_path):
     moved = {key: float((ddp[key] - single[key]).abs().max()) for key in single if not torch.equal(ddp[key], single[key])}
     worst = max(moved.items(), key=lambda item: item[1], default=("", 0.0))
     assert worst[1] < 1e-5, f"{len(moved)} tensors differ; the most: {worst[0]} by {worst[1]:.2e}"
+
+
+def _buckets_rank(rank: int, init_file: str, out: str) -> None:
+    from segany_train.training.gradient_all_reduce import GradientAllReduce
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        before = torch.nn.Linear(4, 4)  # gradients final before the pass below
+        chain = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(6)))  # finished by the pass
+        only_rank0, unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        x = torch.full((3, 4), float(rank + 1))
+        before(x).square().sum().backward()
+        hidden = chain(x)
+        loss = hidden.square().sum() + (only_rank0(hidden).sum() if rank == 0 else 0)
+        reduce = GradientAllReduce(2, bucket_bytes=64)  # a bucket per tensor or two: several in flight
+        reduce.send(list(before.parameters()))
+        sent_before = len(reduce.sent)
+        # registration order: backward reaches them the other way round, so the chain's buckets go first
+        with reduce.during_backward([*unused.parameters(), *only_rank0.parameters(), *chain.parameters()]):
+            loss.backward()
+            sent_in_backward = len(reduce.sent) - sent_before
+        reduce.finish()
+        modules = {"before": before, "chain": chain, "only_rank0": only_rank0, "unused": unused}
+        grads = {f"{name}.{k}": (None if p.grad is None else p.grad.tolist()) for name, m in modules.items() for k, p in m.named_parameters()}
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"grads": grads, "sent_in_backward": sent_in_backward}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_buckets_sent_from_the_backward_pass_average_the_ranks_gradients(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_buckets_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    # buckets left the backward pass as it finished them (the chain's on both ranks)
+    assert r0["sent_in_backward"] > 0 and r1["sent_in_backward"] > 0
+    r0, r1 = r0["grads"], r1["grads"]
+    assert r0 == r1  # every rank holds the average
+    # what each rank computed alone, averaged: the reference
+    local = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        before, chain = torch.nn.Linear(4, 4), torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(6)))
+        only_rank0 = torch.nn.Linear(4, 4)
+        x = torch.full((3, 4), float(rank + 1))
+        before(x).square().sum().backward()
+        hidden = chain(x)
+        (hidden.square().sum() + (only_rank0(hidden).sum() if rank == 0 else 0)).backward()
+        local.append({f"{n}.{k}": p.grad for n, m in (("before", before), ("chain", chain), ("only_rank0", only_rank0))
+                      for k, p in m.named_parameters() if p.grad is not None})  # fmt: skip
+    for name, grad in r0.items():
+        if name.startswith("unused"):
+            assert grad is None  # no rank had one: none, as in one process
+        elif name.startswith("only_rank0"):
+            torch.testing.assert_close(torch.tensor(grad), local[0][name] / 2)  # rank 1 counted as zeros
+        else:
+            torch.testing.assert_close(torch.tensor(grad), (local[0][name] + local[1][name]) / 2)

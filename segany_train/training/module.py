@@ -2,17 +2,17 @@
 
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import lightning as L
 import numpy as np
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from segany_train.data.sam_sample import valid_region
 from segany_train.model import Sam
 from segany_train.prompting.rollout import IterationOutput, RolloutConfig, interactive_ious, run_rollout
+from segany_train.training.gradient_all_reduce import GradientAllReduce
 from segany_train.training.losses import IterationLoss, LossWeights, grouped_sam_loss
 from segany_train.training.optim import OptimConfig, build_optimizer
 
@@ -21,17 +21,6 @@ EVAL_ROLLOUT = RolloutConfig(num_iterations=9, num_correction_clicks=8, box_prob
 EVAL_CLICKS = (1, 3, 5, 9)
 # the independent random streams of a step (see SamTrainingModule._generator)
 PROMPTS, DROP_PATH = range(2)
-GRADIENT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
-
-
-@dataclass
-class _PendingBucket:
-    """An asynchronous all-reduce in flight: the parameters, the flat values sent, its work handle."""
-
-    params: list[nn.Parameter]
-    values: torch.Tensor
-    work: "torch.distributed.Work"
-    flags: bool = False  # the values are the parameters' had-a-gradient flags, not their gradients
 
 
 def _detached(loss: IterationLoss) -> IterationLoss:
@@ -103,47 +92,6 @@ class SamTrainingModule(L.LightningModule):
         wrapper = self.trainer.strategy.model
         return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext()
 
-    def _start_gradient_all_reduce(self, params: list[nn.Parameter]) -> list[_PendingBucket]:
-        """Starts averaging `params`' gradients over ranks: asynchronous all-reduces of buckets of about
-        25 MB (DDP's default bucket size), packed one after the other while earlier ones are on the
-        wire. `_finish_gradient_all_reduce` waits for them. One process: nothing to do."""
-        world = self.trainer.world_size
-        if world == 1 or not params:
-            return []
-        # which parameters had a gradient on some rank (summed flags): one that none had keeps none
-        had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32).to(self.device)
-        pending = [_PendingBucket(params, had, torch.distributed.all_reduce(had, async_op=True), flags=True)]
-        bucket: list[nn.Parameter] = []
-        size = 0
-        for p in params:
-            bucket.append(p)
-            size += p.numel() * p.element_size()
-            if size >= GRADIENT_BUCKET_BYTES or p is params[-1]:
-                # a parameter without a gradient here contributes zeros: every rank packs the same layout
-                flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten() for q in bucket])
-                pending.append(_PendingBucket(bucket, flat, torch.distributed.all_reduce(flat, async_op=True)))
-                bucket, size = [], 0
-        return pending
-
-    def _finish_gradient_all_reduce(self, pending: list[_PendingBucket]) -> None:
-        """Waits for the buckets and hands each parameter its averaged gradient (a view into its
-        bucket). A parameter that no rank gave a gradient gets none, as in one process, so that AdamW
-        leaves it alone (weight decay included); one with a gradient on some ranks only gets the
-        average with zeros for the others, which is what one process over the global batch computes.
-        Knowing which had none reads the summed flags back to the host: one read per step, and only
-        with several processes."""
-        unused: list[nn.Parameter] = []
-        for entry in pending:
-            entry.work.wait()
-            if entry.flags:
-                unused += [p for p, n in zip(entry.params, entry.values.tolist()) if n == 0]
-                continue
-            entry.values.div_(self.trainer.world_size)
-            for p, part in zip(entry.params, entry.values.split([p.numel() for p in entry.params])):
-                p.grad = part.view_as(p)
-        for p in unused:
-            p.grad = None
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One optimiser step: the encoder once, the decoder once per rollout iteration.
 
@@ -185,18 +133,20 @@ class SamTrainingModule(L.LightningModule):
         run_rollout(
             self.sam, leaf, gt, image_index, self.rollout_cfg, on_iteration, self._generator(), valid=valid, host_image_index=host_index
         )
-        # the decoder's and prompt encoder's gradients are final: their all-reduce runs during the
-        # encoder's backward pass
+        # gradients averaged over ranks once (gradient_all_reduce.py): the decoder's and prompt
+        # encoder's are final now and go while the encoder's backward pass runs, the encoder's as it
+        # finishes each bucket of them
+        reduce = GradientAllReduce(self.trainer.world_size)
         encoder = set(self.sam.image_encoder.parameters())
         trainable = [p for p in self.parameters() if p.requires_grad]
-        pending = self._start_gradient_all_reduce([p for p in trainable if p not in encoder])
-        if leaf.grad is not None:
-            # leaf.grad carries fp16's loss scale already: through autograd as it is (manual_backward
-            # would multiply the encoder's gradients by the scale a second time)
-            with self._unsynced():
-                embeddings.backward(leaf.grad)
-        pending += self._start_gradient_all_reduce([p for p in trainable if p in encoder])
-        self._finish_gradient_all_reduce(pending)
+        reduce.send([p for p in trainable if p not in encoder])
+        with reduce.during_backward([p for p in trainable if p in encoder]):
+            if leaf.grad is not None:
+                # leaf.grad carries fp16's loss scale already: through autograd as it is (manual_backward
+                # would multiply the encoder's gradients by the scale a second time)
+                with self._unsynced():
+                    embeddings.backward(leaf.grad)
+        reduce.finish()
         optimizer.step()  # clips in on_before_optimizer_step
         scheduler.step()
         if keep_visual:
