@@ -114,3 +114,44 @@ def test_prompts_grouped_by_image_on_the_host_decode_as_grouped_on_the_device(ti
         runs.append([out.expanded()[0] for out in seen])
     for device_grouped, host_grouped in zip(*runs):
         torch.testing.assert_close(host_grouped, device_grouped)
+
+
+def test_a_training_step_lets_each_iterations_logits_go(corpus, tmp_path, monkeypatch):
+    """Issue 25 item 13: the step keeps the first iteration's prompts for its overlay, not the
+    iteration itself, so the first iteration's N x M x S x S logits are freed as the rollout goes on
+    (it kept them alive for the whole rollout)."""
+    import gc
+    import weakref
+
+    from segany_train.training import module as module_file
+
+    alive_later: list[bool] = []
+
+    def rollout_watching_the_first_logits(*args, **kwargs):
+        sam, leaf, gt, image_index, cfg, on_iteration, *rest = args
+        first: list[weakref.ref] = []
+
+        def watched(out):
+            on_iteration(out)
+            if out.step == 0:
+                first.extend(weakref.ref(g.logits) for g in out.groups)
+            else:
+                gc.collect()
+                alive_later.append(any(ref() is not None for ref in first))
+
+        return real_rollout(sam, leaf, gt, image_index, cfg, watched, *rest, **kwargs)
+
+    real_rollout = module_file.run_rollout
+    monkeypatch.setattr(module_file, "run_rollout", rollout_watching_the_first_logits)
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = compose("train", overrides=[*tiny_training_overrides(corpus), "prompting.num_iterations=4", f"run_dir={tmp_path}"])
+    sam = build_model(cfg.model)
+    module = SamTrainingModule(
+        sam, optim=optim_config(cfg), rollout=_dataclass_from(RolloutConfig, cfg.prompting), loss=_dataclass_from(LossWeights, cfg.loss), seed=cfg.seed
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=build_datamodule(cfg, sam))
+    assert alive_later and not any(alive_later), f"the first iteration's logits alive at later iterations: {alive_later}"
