@@ -72,11 +72,13 @@ class TwoWayAttentionBlock(nn.Module):
         token_mask: torch.Tensor | None = None,
         *,
         reference: bool = False,
+        keys_in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries NxTxC, keys NxHWxC, query_pe NxTxC, key_pe (1 or N)xHWxC -> updated (queries, keys).
 
         reference: the cross-attentions as the official model computes them (`Attention.forward`),
-        else re-associated (the fast path; the same maths).
+        else re-associated (the fast path; the same maths). keys_in_place: the image->token update
+        may overwrite `keys` (contiguous, the caller's own, and no autograd or autocast running).
         """
         queries = self._token_self_attention(queries, query_pe, token_mask)
         keys_pe = keys + key_pe
@@ -90,7 +92,9 @@ class TwoWayAttentionBlock(nn.Module):
         if reference:
             keys = keys + self.cross_attn_image_to_token(keys_pe, q, queries, token_mask)
         else:
-            keys = self.cross_attn_image_to_token.image_to_tokens(keys_pe, q, queries, token_mask, residual=keys)
+            keys = self.cross_attn_image_to_token.image_to_tokens(
+                keys_pe, q, queries, token_mask, residual=keys, in_place=keys_in_place
+            )
         return queries, self.norm4(keys)
 
     def prepare_shared_keys(self, keys: torch.Tensor, key_pe: torch.Tensor) -> SharedImageKeys:
@@ -169,8 +173,14 @@ class TwoWayTransformer(nn.Module):
         first_layer: int,
         reference: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers[first_layer:]:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask, reference=reference)
+        # after the first layer the keys are a layer norm's output that nothing else reads: without
+        # autograd (which may have saved them) or autocast (whose products change dtype) the
+        # image->token update accumulates into them rather than into a copy
+        reuse_keys = not (reference or torch.is_grad_enabled() or torch.is_autocast_enabled(keys.device.type))
+        for i, layer in enumerate(self.layers[first_layer:], start=first_layer):
+            queries, keys = layer(
+                queries, keys, point_embedding, key_pe, token_mask, reference=reference, keys_in_place=reuse_keys and i > 0
+            )
         q, k = queries + point_embedding, keys + key_pe
         final = self.final_attn_token_to_image
         attn = final(q, k, keys) if reference else final.tokens_to_image(q, k, keys)
