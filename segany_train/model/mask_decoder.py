@@ -273,13 +273,34 @@ class MaskDecoder(nn.Module):
         h, w = grid
         up1, norm, act1, up2, act2 = self.output_upscaling
         c1, c2 = up1.out_channels, up2.out_channels
-        # ConvTranspose weight Cin x Cout x 2 x 2 -> Cin x (dy, dx, Cout)
-        w1 = up1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
-        x = torch.addmm(up1.bias.repeat(4), src.reshape(-1, c), w1)  # (N*h*w) x (2*2*C1)
+        # ConvTranspose weight Cin x Cout x 2 x 2 -> (dy, dx, Cout) x Cin, a linear layer's weight
+        w1 = up1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)
+        x = F.linear(src.reshape(-1, c), w1, up1.bias.repeat(4))  # (N*h*w) x (2*2*C1)
         x = act1(F.layer_norm(x.view(-1, c1), (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = act2(torch.addmm(up2.bias.repeat(4), x, w2))  # (N*h*w*4) x (2*2*C2)
+        w2 = up2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+        x = self._linear_then(act2, x, w2, up2.bias.repeat(4))  # (N*h*w*4) x (2*2*C2)
         m = hyper_in.shape[1]
-        masks = x.view(n, -1, c2) @ hyper_in.transpose(1, 2)  # N x (h*w*16) x M
-        masks = masks.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)  # N M h dy1 dy2 w dx1 dx2
+        masks = hyper_in @ x.view(n, -1, c2).transpose(1, 2)  # N x M x (h w dy1 dx1 dy2 dx2)
+        # into the image's order (h dy1 dy2) x (w dx1 dx2) in two moves of whole runs: one 7-d
+        # permutation with 2-element runs costs more than the hypernetwork product
+        masks = masks.view(n * m * h, w, 2, 8).transpose(1, 2).contiguous()  # (N M h) dy1 w (dx1 dy2 dx2)
+        masks = masks.view(n * m * h * 2, w, 2, 2, 2).permute(0, 3, 1, 2, 4)  # (N M h dy1) dy2 w dx1 dx2
         return masks.reshape(n, m, 4 * h, 4 * w)
+
+    @staticmethod
+    def _linear_then(act: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """act(F.linear(x, weight, bias)); the bias and an exact GELU fused into oneDNN's matmul on CPU
+        inference in float32 (2x faster at the upscaling's second product: no separate passes over the
+        output), else the plain ops (autograd, autocast, CUDA)."""
+        fusable = (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and isinstance(act, nn.GELU)
+            and act.approximate == "none"
+            and torch.backends.mkldnn.is_available()
+        )
+        if fusable:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+        return act(F.linear(x, weight, bias))
