@@ -104,8 +104,12 @@ class MaskDecoder(nn.Module):
             # mask prompt is still shared by the prompts, but through keys made from it
             shared_keys = None
         if shared and shared_keys is None:
-            # No mask prompt: every prompt of an image sees the same image tokens in the first layer.
-            shared_keys = self.prepare_shared_keys(image_embeddings, image_pe, dense_prompt_embeddings[:1])
+            # No mask prompt: every prompt of an image sees the same image tokens in the first layer,
+            # worth preparing once there are enough prompts per image to pay for it
+            if self._sharing_pays(n, image_embeddings.shape[0], tokens.shape[1]):
+                shared_keys = self.prepare_shared_keys(image_embeddings, image_pe, dense_prompt_embeddings[:1])
+            else:
+                shared = False
         masks, iou = [], []
         for start in range(0, n, self.prompt_chunk_size):
             rows = slice(start, start + self.prompt_chunk_size)
@@ -114,7 +118,8 @@ class MaskDecoder(nn.Module):
                 host_rows = None if host_image_index is None else host_image_index[rows]
                 hs, src = self._decode_grouped_by_image(tokens[rows], mask_rows, image_index[rows], shared_keys, host_rows)
             else:
-                src = image_embeddings[image_index[rows]] + dense_prompt_embeddings[rows]
+                dense = dense_prompt_embeddings
+                src = image_embeddings[image_index[rows]] + (dense if dense.shape[0] == 1 else dense[rows])
                 hs, src = self.transformer(src, image_pe, tokens[rows], mask_rows)
             chunk_masks, chunk_iou = self._heads(hs, src, image_embeddings.shape[-2:], outputs)
             masks.append(chunk_masks)
@@ -209,6 +214,19 @@ class MaskDecoder(nn.Module):
         prompt's embedding varies over the grid."""
         per_cell = dense.shape[-2:] == (1, 1) or (dense.stride(2) == 0 and dense.stride(3) == 0)
         return per_cell and (dense.shape[0] == 1 or dense.stride(0) == 0)
+
+    def _sharing_pays(self, num_prompts: int, num_images: int, num_tokens: int) -> bool:
+        """Whether preparing the shared image keys costs fewer multiply-adds than the prompts save.
+
+        Per pixel: preparing projects the image tokens three times (3*C*Ci per image); a prompt's first
+        layer then costs 3*T*Ci + h*T*C instead of 4*h*T*C (its cross-attentions folded into its
+        tokens, `Attention.tokens_to_image` and `image_to_tokens`). For SAM: from 3 prompts per image.
+        """
+        c = self.transformer_dim
+        attention = self.transformer.layers[0].cross_attn_token_to_image
+        ci, heads = attention.internal_dim, attention.num_heads
+        saved_per_prompt = num_tokens * (4 * heads * c - 3 * ci - heads * c)
+        return num_prompts * saved_per_prompt > num_images * 3 * c * ci
 
     def prepare_shared_keys(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor

@@ -213,7 +213,8 @@ class TwoWayTransformer(nn.Module):
 
         reference: every attention the official one (see `TwoWayAttentionBlock.forward`).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)  # N x HW x C
+        # N x HW x C; the fast path's copy makes every later pass over the keys contiguous
+        keys = image_embedding.flatten(2).transpose(1, 2) if reference else tokens_last(image_embedding)
         key_pe = tokens_last(image_pe)
         return self._finish(point_embedding, keys, point_embedding, key_pe, token_mask, first_layer=0, reference=reference)
 
