@@ -71,7 +71,7 @@ def main() -> None:
             fns = [decode, lambda: decode(shared), reference]
             floors = [counted_flops(fn) / n / (gflops * 1e9) for fn in fns[:2]]
             repeats = args.repeats if n == 1 else max(2, args.repeats // 3)
-            times = [[t / n for t in spent] for spent in interleaved_seconds(fns, repeats)]
+            times = [[t / n for t in spent] for spent in interleaved_seconds(fns, repeats, warmup=2)]
             (m1, i1), (m2, i2) = decode(), reference()
             diff = max((m1 - m2).abs().max().item(), (i1 - i2).abs().max().item())
         medians = [statistics.median(spent) for spent in times]
