@@ -319,6 +319,7 @@ class MaskDecoder(nn.Module):
             and not torch.is_autocast_enabled("cpu")
             and (act is None or (isinstance(act, nn.GELU) and act.approximate == "none"))
             and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # a private op: absent, the plain ops
         )
         if fusable:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none" if act is None else "gelu", [], "none")
