@@ -98,3 +98,25 @@ def test_fast_path_equals_reference_path(tiny_sam):
     for got, want in zip(fast, reference, strict=True):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_few_prompts_skip_the_shared_keys_and_match_the_reference(tiny_sam, monkeypatch):
+    """With too few prompts per image to pay for the shared image keys (as for one prompt on vit_b),
+    the fast path folds the first layer's cross-attentions into the tokens instead: same outputs."""
+    sam, decoder = tiny_sam, tiny_sam.mask_decoder
+    gen = torch.Generator().manual_seed(1)
+    decode = {
+        "image_embeddings": torch.randn(2, 32, 8, 8, generator=gen),
+        "image_index": torch.tensor([1, 0, 1]),
+        "point_coords": torch.rand(3, 2, 2, generator=gen) * 128,
+        "point_labels": torch.tensor([[1, 0], [1, -1], [2, 3]]),
+    }
+    monkeypatch.setattr(decoder, "_sharing_pays", lambda *args: False)
+    monkeypatch.setattr(decoder, "prepare_shared_keys", None)  # must not be called
+    with torch.no_grad():
+        for multimask in (True, False):
+            fast = sam.decode(**decode, multimask_output=multimask)
+            with decoder.reference_path():
+                reference = sam.decode(**decode, multimask_output=multimask)
+            for got, want in zip(fast, reference, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

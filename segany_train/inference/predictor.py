@@ -25,10 +25,10 @@ class SamPredictor:
     """Drop-in replacement for the official `SamPredictor`.
 
     Same methods, arguments, coordinate conventions (XY pixels of the original image) and returns.
-    Differences: the decoder's prompt-independent work is done once per image and reused by every
-    prompt; malformed prompts (wrong shapes, NaN values, unknown point labels) raise a ValueError
-    that says what is wrong, and points or boxes outside the image are used as given with a
-    warning; on CPU it keeps freed memory for reuse (`cpu_allocator.retain_freed_memory`).
+    Differences: the decoder's prompt-independent work is done once per image (in `set_image`) and
+    reused by every prompt; malformed prompts (wrong shapes, NaN values, unknown point labels) raise
+    a ValueError that says what is wrong, and points or boxes outside the image are used as given
+    with a warning; on CPU it keeps freed memory for reuse (`cpu_allocator.retain_freed_memory`).
     Extra, keyword-only: `precision="bf16"` runs the encoder and decoder under bfloat16 autocast
     (`precision.py`); embeddings, logits and IoU predictions still come back as float32.
     """
@@ -77,6 +77,9 @@ class SamPredictor:
         input_image = self.model.preprocess(transformed_image.to(self.model.pixel_mean.dtype))
         with self.autocast():
             self.features = self.model.image_encoder(input_image).float()  # 1xCxhxw
+            # the decoder's prompt-independent work, done with the image (a few ms beside the
+            # encoder's seconds) so that the first prompt is as fast as the next ones
+            self._shared_keys(self.model.prompt_encoder.get_dense_pe())
         self.is_image_set = True
 
     def predict(

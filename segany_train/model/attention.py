@@ -76,13 +76,13 @@ class Attention(nn.Module):
         q: NxTxC tokens; k, v: NxHWxC image tokens -> NxTxC. Equal to `forward(q, k, v)`.
         """
         n, t, _ = q.shape
-        query = self.q_proj(q).view(n, t, self.num_heads, self.head_dim)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        folded_q = torch.einsum("nthd,hdc->nhtc", query, self._per_head(self.k_proj.weight)) * scale
-        scores = folded_q.reshape(n, self.num_heads * t, -1) @ k.transpose(1, 2)  # N x hT x HW
+        h, d = self.num_heads, self.head_dim
+        query = self.q_proj(q).view(n, t, h, d).transpose(1, 2) * (1.0 / math.sqrt(d))  # N x h x T x d
+        folded_q = query @ self._per_head(self.k_proj.weight)  # N x h x T x C
+        scores = folded_q.reshape(n, h * t, -1) @ k.transpose(1, 2)  # N x hT x HW
         mixed = scores.softmax(dim=-1) @ v  # N x hT x C: attention-weighted image tokens per head
-        out = torch.einsum("nhtc,hdc->nthd", mixed.view(n, self.num_heads, t, -1), self._per_head(self.v_proj.weight))
-        return self.out_proj(out.reshape(n, t, self.internal_dim) + self.v_proj.bias)
+        out = mixed.view(n, h, t, -1) @ self._per_head(self.v_proj.weight).transpose(1, 2)  # N x h x T x d
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, self.internal_dim) + self.v_proj.bias)
 
     def image_to_tokens(
         self,
@@ -91,19 +91,22 @@ class Attention(nn.Module):
         v: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        in_place: bool = False,
     ) -> torch.Tensor:
         """Many queries against few keys, the query and output projections folded into the keys.
 
         q: NxHWxC image tokens; k, v: NxTxC tokens; key_mask NxT -> NxHWxC, equal to
-        `forward(q, k, v, key_mask)`, plus `residual` (NxHWxC) when given.
+        `forward(q, k, v, key_mask)`, plus `residual` (NxHWxC) when given; in_place: accumulated into
+        `residual`, which the caller no longer needs (inference only: autograd may have saved it).
         """
         n, t, _ = k.shape
-        key = self.k_proj(k).view(n, t, self.num_heads, self.head_dim) / math.sqrt(self.head_dim)
-        folded_k = torch.einsum("nthd,hdc->nhtc", key, self._per_head(self.q_proj.weight))
-        key_bias = torch.einsum("nthd,hd->nht", key, self.q_proj.bias.view(self.num_heads, self.head_dim))
-        scores = torch.baddbmm(key_bias.reshape(n, -1, 1), folded_k.reshape(n, -1, q.shape[-1]), q.transpose(1, 2))
+        h, d = self.num_heads, self.head_dim
+        key = self.k_proj(k).view(n, t, h, d).transpose(1, 2) * (1.0 / math.sqrt(d))  # N x h x T x d
+        folded_k = key @ self._per_head(self.q_proj.weight)  # N x h x T x C
+        key_bias = key @ self.q_proj.bias.view(h, d, 1)  # N x h x T x 1
+        scores = torch.baddbmm(key_bias.reshape(n, -1, 1), folded_k.reshape(n, h * t, -1), q.transpose(1, 2))
         probs = self._softmax_over_tokens(scores.view(n, self.num_heads, t, -1), key_mask)  # N x h x T x HW
-        return self._project_mixed_values(probs, self.v_proj(v), residual)
+        return self._project_mixed_values(probs, self.v_proj(v), residual, in_place)
 
     def shared_image_to_tokens(
         self,
@@ -138,11 +141,20 @@ class Attention(nn.Module):
         return scores.softmax(dim=2)
 
     def _project_mixed_values(
-        self, probs: torch.Tensor, value: torch.Tensor, residual: torch.Tensor | None
+        self, probs: torch.Tensor, value: torch.Tensor, residual: torch.Tensor | None, in_place: bool = False
     ) -> torch.Tensor:
-        """probs NxhxTxHW, value NxTxCi -> out_proj(probs^T @ value) (+ residual): NxHWxC."""
+        """probs NxhxTxHW, value NxTxCi -> out_proj(probs^T @ value) (+ residual): NxHWxC.
+
+        in_place: accumulate into `residual` (NxHWxC, not needed afterwards) instead of a copy of it.
+        """
         n, h, t, hw = probs.shape
-        out_w = self.out_proj.weight.view(self.embedding_dim, h, self.head_dim)
-        value_out = torch.einsum("nthd,chd->nhtc", value.view(n, t, h, -1), out_w).reshape(n, h * t, -1)  # N x hT x C
-        bias = self.out_proj.bias if residual is None else residual + self.out_proj.bias
-        return torch.baddbmm(bias, probs.reshape(n, h * t, hw).transpose(1, 2), value_out)
+        out_w = self.out_proj.weight.view(self.embedding_dim, h, self.head_dim).permute(1, 2, 0)  # h x d x C
+        # each head's probabilities over the tokens sum to one at every pixel, so bias/h on every
+        # (head, token) row adds the output bias once, without a pass over the HWxC result
+        value_out = value.view(n, t, h, -1).transpose(1, 2) @ out_w + self.out_proj.bias / h  # N x h x T x C
+        weights, value_out = probs.reshape(n, h * t, hw).transpose(1, 2), value_out.reshape(n, h * t, -1)
+        if residual is None:
+            return weights @ value_out
+        if in_place:
+            return residual.baddbmm_(weights, value_out)
+        return torch.baddbmm(residual, weights, value_out)

@@ -9,6 +9,20 @@ from segany_train.model.attention import Attention
 from segany_train.model.mlp import MLPBlock
 
 
+def tokens_last(x: torch.Tensor) -> torch.Tensor:
+    """BxCxHxW -> BxHWxC, contiguous.
+
+    Image by image as 2-D transposes, which PyTorch copies in cache-sized blocks: a 3-D transposed
+    copy measured 2x slower, and adding a transposed view to HWxC tokens 7x slower than a contiguous
+    one (the later layers add the positional encoding to every prompt's image tokens).
+    """
+    b, c = x.shape[:2]
+    out = x.new_empty(b, x[0, 0].numel(), c)
+    for i in range(b):
+        out[i].copy_(x[i].flatten(1).t())
+    return out
+
+
 @dataclass
 class SharedImageKeys:
     """Prompt-independent work of the first layer for B images (all prompts without a mask prompt).
@@ -72,11 +86,13 @@ class TwoWayAttentionBlock(nn.Module):
         token_mask: torch.Tensor | None = None,
         *,
         reference: bool = False,
+        keys_in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries NxTxC, keys NxHWxC, query_pe NxTxC, key_pe (1 or N)xHWxC -> updated (queries, keys).
 
         reference: the cross-attentions as the official model computes them (`Attention.forward`),
-        else re-associated (the fast path; the same maths).
+        else re-associated (the fast path; the same maths). keys_in_place: the image->token update
+        may overwrite `keys` (contiguous, the caller's own, and no autograd or autocast running).
         """
         queries = self._token_self_attention(queries, query_pe, token_mask)
         keys_pe = keys + key_pe
@@ -90,7 +106,9 @@ class TwoWayAttentionBlock(nn.Module):
         if reference:
             keys = keys + self.cross_attn_image_to_token(keys_pe, q, queries, token_mask)
         else:
-            keys = self.cross_attn_image_to_token.image_to_tokens(keys_pe, q, queries, token_mask, residual=keys)
+            keys = self.cross_attn_image_to_token.image_to_tokens(
+                keys_pe, q, queries, token_mask, residual=keys, in_place=keys_in_place
+            )
         return queries, self.norm4(keys)
 
     def prepare_shared_keys(self, keys: torch.Tensor, key_pe: torch.Tensor) -> SharedImageKeys:
@@ -169,8 +187,14 @@ class TwoWayTransformer(nn.Module):
         first_layer: int,
         reference: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers[first_layer:]:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask, reference=reference)
+        # after the first layer the keys are a layer norm's output that nothing else reads: without
+        # autograd (which may have saved them) or autocast (whose products change dtype) the
+        # image->token update accumulates into them rather than into a copy
+        reuse_keys = not (reference or torch.is_grad_enabled() or torch.is_autocast_enabled(keys.device.type))
+        for i, layer in enumerate(self.layers[first_layer:], start=first_layer):
+            queries, keys = layer(
+                queries, keys, point_embedding, key_pe, token_mask, reference=reference, keys_in_place=reuse_keys and i > 0
+            )
         q, k = queries + point_embedding, keys + key_pe
         final = self.final_attn_token_to_image
         attn = final(q, k, keys) if reference else final.tokens_to_image(q, k, keys)
@@ -189,14 +213,14 @@ class TwoWayTransformer(nn.Module):
 
         reference: every attention the official one (see `TwoWayAttentionBlock.forward`).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)  # N x HW x C
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # N x HW x C; the fast path's copy makes every later pass over the keys contiguous
+        keys = image_embedding.flatten(2).transpose(1, 2) if reference else tokens_last(image_embedding)
+        key_pe = tokens_last(image_pe)
         return self._finish(point_embedding, keys, point_embedding, key_pe, token_mask, first_layer=0, reference=reference)
 
     def prepare_shared_keys(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> SharedImageKeys:
         """The first layer's prompt-independent work for BxCxHxW image tokens (embedding + dense prompt)."""
-        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        keys, key_pe = tokens_last(image_embedding), tokens_last(image_pe)
         return self.layers[0].prepare_shared_keys(keys, key_pe)
 
     def forward_shared(
