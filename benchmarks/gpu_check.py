@@ -194,7 +194,7 @@ def check_resume(corpus: Path, work: Path, gpu: bool) -> Row:
     for name, stops in (("straight", (4,)), ("resumed", (2, 4))):
         for steps in stops:
             train(_compose(_overrides(corpus, work / name, gpu=gpu, steps=steps)))
-        results.append(torch.load(work / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False))
+        results.append(torch.load(work / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
     a, b = results
     steps = [r["optimizer_states"][0]["state"][0]["step"] for r in results]
     lrs = [r["lr_schedulers"][0]["_last_lr"] for r in results]

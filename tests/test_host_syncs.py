@@ -20,9 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
 from segany_train.prompting.rollout import RolloutConfig
-from segany_train.training.losses import LossWeights
-from segany_train.training.module import SamTrainingModule
-from segany_train.training.run import _dataclass_from, build_datamodule, build_model, optim_config
+from segany_train.training.run import _dataclass_from, build_datamodule, build_model, build_training_module
 from tests.conftest import tiny_training_overrides
 
 aten = torch.ops.aten
@@ -84,9 +82,7 @@ def test_a_training_step_reads_the_device_at_most_a_fixed_number_of_times(corpus
     sam = build_model(cfg.model)
     rollout = _dataclass_from(RolloutConfig, cfg.prompting)
     assert rollout.num_iterations >= 10
-    module = SamTrainingModule(
-        sam, optim=optim_config(cfg), rollout=rollout, loss=_dataclass_from(LossWeights, cfg.loss), seed=cfg.seed
-    )
+    module = build_training_module(cfg, sam)
     counter = CountSyncs()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -146,9 +142,7 @@ def test_a_training_step_lets_each_iterations_logits_go(corpus, tmp_path, monkey
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("train", overrides=[*tiny_training_overrides(corpus), "prompting.num_iterations=4", f"run_dir={tmp_path}"])
     sam = build_model(cfg.model)
-    module = SamTrainingModule(
-        sam, optim=optim_config(cfg), rollout=_dataclass_from(RolloutConfig, cfg.prompting), loss=_dataclass_from(LossWeights, cfg.loss), seed=cfg.seed
-    )
+    module = build_training_module(cfg, sam)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),

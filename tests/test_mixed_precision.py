@@ -16,10 +16,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.prompting.rollout import RolloutConfig
-from segany_train.training.losses import LossWeights
-from segany_train.training.module import SamTrainingModule
-from segany_train.training.run import _dataclass_from, build_datamodule, build_model, optim_config
+from segany_train.training.run import build_datamodule, build_model, build_training_module
 from tests.conftest import tiny_training_overrides
 
 LOSS_SCALE = 256.0
@@ -50,13 +47,7 @@ def _one_step(corpus: Path, run_dir: Path, fp16: bool, overrides: tuple[str, ...
         )
     L.seed_everything(0)
     sam = build_model(cfg.model)
-    module = SamTrainingModule(
-        sam,
-        optim=optim_config(cfg),
-        rollout=_dataclass_from(RolloutConfig, cfg.prompting),
-        loss=_dataclass_from(LossWeights, cfg.loss),
-        seed=cfg.seed,
-    )
+    module = build_training_module(cfg, sam)
     recorder = GradientsAfterTheStep()
     plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=LOSS_SCALE))] if fp16 else []
     trainer = L.Trainer(

@@ -89,6 +89,18 @@ def _mask_size(value: int | str | None, image_size: int, patch_size: int) -> int
     return image_size if value == "input" else value
 
 
+def build_training_module(cfg: DictConfig, sam: Sam) -> SamTrainingModule:
+    """The LightningModule a composed config describes, around `sam`."""
+    return SamTrainingModule(
+        sam,
+        optim=optim_config(cfg),
+        rollout=_dataclass_from(RolloutConfig, cfg.prompting),
+        loss=_dataclass_from(LossWeights, cfg.loss),
+        seed=cfg.seed,
+        overlay_every_n_steps=cfg.logger.log_images_every_n_steps,
+    )
+
+
 def build_datamodule(cfg: DictConfig, sam: Sam) -> SA1BDataModule:
     """The DataModule of `cfg.data`, its random draws seeded by the run's `cfg.seed`; a synthetic
     corpus the config names is written in its `prepare_data` (one process, not every rank)."""
@@ -239,14 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(Path(resume), sam)  # before anything in the run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    module = SamTrainingModule(
-        sam,
-        optim=optim_config(cfg),
-        rollout=_dataclass_from(RolloutConfig, cfg.prompting),
-        loss=_dataclass_from(LossWeights, cfg.loss),
-        seed=cfg.seed,
-        overlay_every_n_steps=cfg.logger.log_images_every_n_steps,
-    )
+    module = build_training_module(cfg, sam)
     datamodule = build_datamodule(cfg, sam)
     callbacks = [] if fast else [
         ModelCheckpoint(

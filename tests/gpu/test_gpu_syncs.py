@@ -10,10 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from segany_train.config_paths import CONFIG_DIR
 from segany_train.data.synthetic import write_synthetic_corpus
-from segany_train.prompting.rollout import RolloutConfig
-from segany_train.training.losses import LossWeights
-from segany_train.training.module import SamTrainingModule
-from segany_train.training.run import _dataclass_from, build_datamodule, build_model, optim_config
+from segany_train.training.run import build_datamodule, build_model, build_training_module
 from tests.conftest import tiny_training_overrides
 
 pytestmark = pytest.mark.gpu
@@ -41,13 +38,7 @@ def test_a_cuda_training_step_never_waits_for_the_device(tmp_path, prompting, it
     with initialize_config_dir(CONFIG_DIR, version_base=None):
         cfg = compose("train", overrides=overrides)
     sam = build_model(cfg.model)
-    module = SamTrainingModule(
-        sam,
-        optim=optim_config(cfg),
-        rollout=_dataclass_from(RolloutConfig, cfg.prompting),
-        loss=_dataclass_from(LossWeights, cfg.loss),
-        seed=cfg.seed,
-    )
+    module = build_training_module(cfg, sam)
     callback = SyncsAreErrors()
     trainer = L.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=2, limit_val_batches=0, logger=False,
