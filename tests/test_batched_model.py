@@ -136,3 +136,20 @@ def test_reassociated_attention_equals_plain_attention(heads, downsample):
         one = image[0]
         shared = attn.shared_image_to_tokens(attn.q_proj(one), tokens, tokens, mask, residual=one)
         assert torch.allclose(shared, attn(one.expand(3, -1, -1), tokens, tokens, mask) + one, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_chunks_hold_a_fixed_number_of_prompt_tokens(tiny_sam, monkeypatch):
+    """Left unset, the CPU chunk holds 4 prompts of a 64x64 embedding: 64 prompts of a 16x16 one, so
+    small models are not decoded in many tiny calls."""
+    decoder, pe = tiny_sam.mask_decoder, tiny_sam.prompt_encoder
+    calls = []
+    heads = decoder._heads
+    monkeypatch.setattr(decoder, "_heads", lambda hs, *rest: calls.append(hs.shape[0]) or heads(hs, *rest))
+    for side, expected in ((16, [64, 16]), (64, [4] * 20)):
+        calls.clear()
+        n = sum(expected)
+        emb = torch.randn(1, 32, side, side)
+        sparse = pe.embed_labelled_points(torch.rand(n, 1, 2) * 128, torch.ones(n, 1, dtype=torch.int))
+        with torch.no_grad():
+            decoder(emb, torch.randn(1, 32, side, side), sparse, pe.no_mask_dense(1)[:, :, :1, :1], True)
+        assert calls == expected

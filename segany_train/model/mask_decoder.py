@@ -12,6 +12,9 @@ from segany_train.model.layer_norm_2d import LayerNorm2d
 from segany_train.model.mlp import MLP
 from segany_train.model.two_way_transformer import SharedImageKeys, TwoWayTransformer
 
+# On CPU, prompts x image tokens decoded per call: 4 prompts on a 64x64 embedding stay in cache.
+CPU_CHUNK_TOKENS = 4 * 64 * 64
+
 
 class MaskDecoder(nn.Module):
     """Predicts low-res mask logits and IoU for every prompt.
@@ -19,9 +22,12 @@ class MaskDecoder(nn.Module):
     Image embeddings Bx(C)x(h)x(w); prompts NxTxC sparse and (1 or N)xCxhxw dense; each prompt
     belongs to one image (`image_index`, N). Output: N x M x 4h x 4w logits and N x M IoU, where M is
     1 (single-mask token) or `num_multimask_outputs`. Prompts are decoded `prompt_chunk_size` at a
-    time, which bounds memory for large batches; left at None that is 4 on CPU, where the per-prompt
-    activations (several MB each) then stay in cache (64 prompts on 2 cores: 1.4x faster than one big
-    batch in 16s, and 4s 1.1x faster again than 16s), and 16 elsewhere (fewer kernel launches).
+    time, which bounds memory for large batches; left at None that is, on CPU, as many prompts as
+    hold 4 prompts' worth of a 64x64 embedding (4 for vit_b at 1024 px, 64 at 256 px), whose
+    activations then stay in cache (vit_b, 64 prompts on 2 cores: 1.4x faster than one big batch in
+    16s, and 4s 1.1x faster again than 16s; the 256-px engine seed's automatic masks 1.9x faster in
+    64s than in 4s, whose many small calls cost more than the cache saves), and 16 elsewhere (fewer
+    kernel launches).
 
     Two paths compute the same maths: the fast one (default), and with `reference` set (or inside
     `reference_path()`) the official algorithm, `predict_masks`, which the ONNX export traces and the
@@ -112,7 +118,7 @@ class MaskDecoder(nn.Module):
             else:
                 shared = False
         masks, iou = [], []
-        chunk = self.prompt_chunk_size or (4 if image_embeddings.device.type == "cpu" else 16)
+        chunk = self.prompt_chunk_size or self._default_chunk(image_embeddings)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             mask_rows = None if token_mask is None else token_mask[rows]
@@ -129,6 +135,12 @@ class MaskDecoder(nn.Module):
         if len(masks) == 1:
             return masks[0], iou[0]
         return torch.cat(masks), torch.cat(iou)
+
+    @staticmethod
+    def _default_chunk(image_embeddings: torch.Tensor) -> int:
+        if image_embeddings.device.type != "cpu":
+            return 16
+        return max(4, CPU_CHUNK_TOKENS // (image_embeddings.shape[-2] * image_embeddings.shape[-1]))
 
     def predict_masks(
         self,
