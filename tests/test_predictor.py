@@ -149,3 +149,16 @@ def test_sam_forward_accepts_mask_only_prompts(tiny_sam, image):
     torch.testing.assert_close(out[0]["iou_predictions"], iou, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="point_coords"):
         tiny_sam([{"image": x, "original_size": (90, 120)}], multimask_output=True)
+
+
+@pytest.mark.parametrize("input_size", [(128, 128), (128, 96)])
+def test_postprocessing_skips_the_resize_to_the_same_size_bit_for_bit(tiny_sam, input_size):
+    """An image already at the model's input scale skips the second resize; the official model's two
+    resizes give the very same logits."""
+    import torch.nn.functional as F
+
+    low = torch.randn(2, 3, 32, 32) * 10
+    side = tiny_sam.image_encoder.img_size
+    both = F.interpolate(F.interpolate(low, (side, side), mode="bilinear", align_corners=False)[..., : input_size[0], : input_size[1]], input_size, mode="bilinear", align_corners=False)
+    ours = tiny_sam.postprocess_masks(low, input_size, input_size)
+    assert ours.is_contiguous() and torch.equal(ours, both)

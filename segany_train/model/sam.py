@@ -64,7 +64,11 @@ class Sam(nn.Module):
         """BxMx(4h)x(4w) low-res logits -> BxMxHxW logits at the original image size."""
         masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False)
+        original_size = tuple(int(s) for s in original_size)
+        if masks.shape[-2:] == original_size:
+            # a bilinear resize to the same size reproduces its input exactly: skip the pass
+            return masks.contiguous()
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     def decode(
         self,
