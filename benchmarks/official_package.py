@@ -96,7 +96,7 @@ def official_sam(config: SamConfig) -> Sam:
     ).eval()
 
 
-def matched_masks(ours: list[dict], theirs: list[dict], shape: tuple[int, int]) -> tuple[int, float]:
+def matched_masks(ours: list[dict], theirs: list[dict]) -> tuple[int, float]:
     """Masks matched one-to-one (greedy by IoU, IoU > 0.5) and their mean IoU."""
     if not ours or not theirs:
         return 0, float("nan")
@@ -177,7 +177,7 @@ def main() -> None:
     spent = interleaved_seconds([lambda: ours_gen.generate(image), lambda: theirs_gen.generate(image)], args.rounds)
     a, b = ours_gen.generate(image), theirs_gen.generate(image)
     print(row("AMG", spent[0], spent[1], None))
-    count, mean_iou = matched_masks(a, b, image.shape[:2])
+    count, mean_iou = matched_masks(a, b)
     print(f"AMG masks: ours {len(a)}, official {len(b)}, matched {count} (IoU > 0.5, one-to-one), mean IoU of matched {mean_iou:.4f}")
 
 
