@@ -103,19 +103,29 @@ def test_a_second_engine_on_one_run_directory_fails_naming_the_first(tmp_path):
         run_engine(cfg)
 
 
-def test_the_second_engine_command_says_so_in_one_line(tmp_path):
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_the_second_engine_command_says_so_in_one_line_and_writes_nothing(tmp_path):
     holder = _holder(tmp_path / "run")
+    (tmp_path / "run" / "hydra").mkdir()
+    (tmp_path / "run" / "hydra" / "config.yaml").write_text("the first engine's\n")  # what a run had written
+    (tmp_path / "run" / "engine.log").write_text("[12:00:00] the first engine's log\n")
+    before = _files(tmp_path / "run")
     try:
         second = subprocess.run(
             [sys.executable, "-m", "data_engine.engine", f"run_dir={tmp_path / 'run'}", "only=stage3", "corpus.synthetic=null",
              f"corpus.shards={tmp_path}/pool/sa_000000.tar", "progress=false"],
             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
+        after = _files(tmp_path / "run")  # while the first still holds it
     finally:
         holder.communicate("")
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
     assert lines[0].startswith("segany-engine: error: ") and f"pid {holder.pid} " in lines[0], lines[0]
+    assert after == before  # the running engine's directory is left as it was
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
