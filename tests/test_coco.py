@@ -211,3 +211,25 @@ def test_cli_round_trip_and_errors(coco_dataset, tmp_path, capsys):
     assert pattern in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="nothing"):
         shards_to_coco(pattern)
+
+
+def test_to_shards_on_a_full_disk_says_so_in_one_line_and_resumes(coco_dataset, tmp_path, capsys, monkeypatch):
+    from tests.full_disk import FullDirectory
+
+    annotation_file, images = coco_dataset
+    args = ["--annotations", str(annotation_file), "--images", str(images), "--images-per-shard", "1", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CocoConversionWarning)
+        main(["to-shards", *args, "--out", str(tmp_path / "reference")])
+        settings = len((tmp_path / "reference" / "coco_conversion.json").read_bytes())
+        out = tmp_path / "out"
+        out.mkdir()
+        with monkeypatch.context() as patch:  # room for the settings file, not for a shard
+            FullDirectory(out, room=settings, monkeypatch=patch)
+            with pytest.raises(SystemExit):
+                main(["to-shards", *args, "--out", str(out)])
+        message = capsys.readouterr().err.strip()
+        assert f": error: disk full writing {out / 'sa_000000.tar'} " in message and "\n" not in message, message
+        assert "resumes" in message and not list(out.glob("*.tar*"))
+        main(["to-shards", *args, "--out", str(out)])  # space freed: the same command finishes
+    assert "wrote 2 images" in capsys.readouterr().out

@@ -243,3 +243,25 @@ def test_a_label_map_of_many_ids_takes_memory_by_pixels_not_pixels_times_ids(tmp
     assert peak < 30 * 2**20, f"peak {peak / 2**20:.0f} MiB"
     first = record["annotations"][0]["segmentation"]
     assert mask_utils.decode({"size": first["size"], "counts": first["counts"].encode()}).sum() == 1
+
+
+def test_cli_on_a_full_disk_says_so_in_one_line_and_resumes(tmp_path: Path, capsys, monkeypatch) -> None:
+    from tests.full_disk import FullDirectory
+
+    truth = _write_images(tmp_path)
+    (tmp_path / "labels").mkdir()
+    for name, labels in truth.items():
+        Image.fromarray(labels).save(tmp_path / "labels" / f"{name}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["label-maps", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--out", str(out), "--no-progress"]
+    with monkeypatch.context() as patch:
+        FullDirectory(out, room=0, monkeypatch=patch)
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+    message = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in message, message
+    assert f": error: disk full writing {out}/" in message and "resumes" in message, message
+    assert not list(out.rglob("*.tar*"))
+    main(argv)  # space freed: the same command finishes
+    _assert_equal_to_truth(_read_back(out), {name: _objects(labels) for name, labels in truth.items()})

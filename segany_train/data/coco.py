@@ -34,6 +34,7 @@ from segany_train.data.sa1b import (
 )
 from segany_train.atomic_files import write_json_atomically
 from segany_train.data.shard_writer import SA1BShardWriter, read_manifest
+from segany_train.os_errors import describe_os_error
 
 CONVERSION_SETTINGS = "coco_conversion.json"  # to-shards' settings in its output, checked on resume
 
@@ -375,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 skip_crowd=not args.keep_crowd,
                 progress=not args.no_progress,
             )
-        except (OSError, ValueError) as error:
+        except OSError as error:  # a full disk, a missing file
+            parser.exit(2, f"{parser.prog}: error: {describe_os_error(error, rerun='the conversion resumes after the images its shards hold')}\n")
+        except ValueError as error:
             parser.exit(2, f"{parser.prog}: error: {error}\n")
         if report.images_written + report.images_resumed == 0:  # the input was not what was asked: say so, and fail
             parser.exit(1, f"{parser.prog}: error: no image converted from {args.annotations}: {report.summary()}\n")

@@ -45,6 +45,7 @@ from segany_train.data.image_loading import ImageFileError, load_image_file, sha
 from segany_train.data.sa1b import annotation_from_rle, make_record, sample_key
 from segany_train.atomic_files import write_json_atomically
 from segany_train.data.shard_writer import SA1BShardWriter
+from segany_train.os_errors import describe_os_error
 
 SPLITS = ("train", "val")
 SPLIT_SETTINGS = "folder_conversion.json"  # a split directory's settings, checked on resume
@@ -264,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 images_per_shard=args.images_per_shard,
                 progress=not args.no_progress,
             )
-    except (OSError, ValueError) as error:
+    except OSError as error:  # a full disk, a missing file
+        parser.exit(2, f"{parser.prog}: error: {describe_os_error(error, rerun='the conversion resumes after the shards already written')}\n")
+    except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     for line in report.skipped_items:
         print(f"skipped {line}")
